@@ -1,0 +1,213 @@
+"""conv_bn_act: conv2d + BatchNorm (+ residual added after BN) (+ ReLU) as one torch.library op.
+
+Two custom ops, so that eager mode, torch.compile(fullgraph=True) and opcheck all see them, tied
+together for autograd by the autograd.Function _ConvBNAct:
+
+* ``fastres::conv_bn_act``          -> (y, z, mean, invstd, mask); mutates running_mean / running_var.
+* ``fastres::conv_bn_act_backward`` -> (dx, dweight, dbias, dbn_weight, dbn_bias, dresidual).
+
+Outputs are always fresh tensors (never an input, never each other); an output that is not needed
+is a fresh empty tensor. Each dispatches at run time to the backend chosen in fastres.backend (the math is written out in
+fastres/ops/reference.py). :func:`conv_bn_act` below is the function users and modules call: it
+validates its inputs with errors that say what was expected, applies autocast, and returns y.
+
+What the forward saves for backward, and why:
+* x, weight (and conv bias): convolution_backward needs them for dW and dx (eager conv saves them too).
+* z, the pre-BN conv output (training only): xhat = (z - mean) * invstd for dgamma and dz. In eval
+  mode z is recomputed in backward instead, as eval-mode backward is rare (frozen-BN fine-tuning).
+* mask, only with ReLU: y > 0 packed as bits (1/16 of a bf16 y), so BN backward reads 1 bit per
+  element for dReLU instead of y.
+* mean, invstd: fp32 per channel, C floats each.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from fastres import backend
+from fastres.ops.reference import conv_out_shape, memory_format_of
+
+Tensor = torch.Tensor
+OP = "conv_bn_act"
+
+
+def _support_args(x: Tensor, weight: Tensor, residual: Optional[Tensor], stride, padding, dilation,
+                  groups: int, training: bool, relu: bool) -> dict:
+    return dict(x=x, weight=weight, residual=residual, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, training=training, relu=relu)
+
+
+@torch.library.custom_op("fastres::conv_bn_act", mutates_args=("running_mean", "running_var"))
+def _conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                 bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                 groups: int, training: bool, momentum: float, eps: float, relu: bool, save_mask: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, fn = backend.implementation(OP, "forward", x.device, **_support_args(
+        x, weight, residual, stride, padding, dilation, groups, training, relu))
+    return fn(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+              dilation, groups, training, momentum, eps, relu, save_mask)
+
+
+def _new(like: Tensor, shape, dtype=None, fmt=torch.contiguous_format) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+@_conv_bn_act.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+      dilation, groups, training, momentum, eps, relu, save_mask):
+    shape = conv_out_shape(x.shape, weight.shape, stride, padding, dilation)
+    fmt = memory_format_of(x)
+    y = _new(x, shape, fmt=fmt)
+    z = _new(x, shape, fmt=fmt) if training else x.new_empty(0)
+    stats = x.new_empty(shape[1], dtype=torch.float32)
+    nmask = (shape[0] * shape[1] * shape[2] * shape[3] + 7) // 8 if relu and save_mask else 0
+    return y, z, stats, stats.clone(), x.new_empty(nmask, dtype=torch.uint8)
+
+
+@torch.library.custom_op("fastres::conv_bn_act_backward", mutates_args=())
+def _conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor,
+                          mask: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                          stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                          training: bool, relu: bool, needs: List[bool]
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, fn = backend.implementation(OP, "backward", x.device, **_support_args(
+        x, weight, None, stride, padding, dilation, groups, training, relu))
+    return fn(grad_y.contiguous(memory_format=memory_format_of(x)), x, weight, bias, z, mask, mean, invstd,
+              bn_weight, stride, padding, dilation, groups, training, relu, needs)
+
+
+@_conv_bn_act_backward.register_fake
+def _(grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation, groups,
+      training, relu, needs):
+    def empty():
+        return x.new_empty(0)
+
+    pdtype = bn_weight.dtype if bn_weight is not None else torch.float32
+    c = weight.shape[0]
+    return (
+        _new(x, x.shape, fmt=memory_format_of(x)) if needs[0] else empty(),
+        _new(weight, weight.shape, fmt=memory_format_of(weight)) if needs[1] else empty(),
+        bias.new_empty(bias.shape) if needs[2] and bias is not None else empty(),
+        x.new_empty(c, dtype=pdtype) if needs[3] else empty(),
+        x.new_empty(c, dtype=pdtype) if needs[4] else empty(),
+        _new(x, grad_y.shape, fmt=memory_format_of(x)) if needs[5] else empty(),
+    )
+
+
+class _ConvBNAct(torch.autograd.Function):
+    """Autograd for fastres::conv_bn_act. (An op that mutates its inputs - the running statistics -
+    cannot take torch.library.register_autograd, so the op is wrapped in an autograd.Function;
+    torch.compile traces through it.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                padding, dilation, groups, training, momentum, eps, relu):
+        save_mask = relu and any(ctx.needs_input_grad)
+        y, z, mean, invstd, mask = torch.ops.fastres.conv_bn_act(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+            dilation, groups, training, momentum, eps, relu, save_mask)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.training, ctx.relu = training, relu
+        ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None, residual is not None)
+        ctx.save_for_backward(x, weight, bias, bn_weight, z, mask, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, bn_weight, z, mask, mean, invstd = ctx.saved_tensors
+        has_bias, has_gamma, has_beta, has_res = ctx.has
+        ni = ctx.needs_input_grad
+        needs = [ni[0], ni[1], has_bias and ni[2], has_gamma and ni[3], has_beta and ni[4], has_res and ni[7]]
+        if grad_y is None or not any(needs):
+            return (None,) * 16
+        stride, padding, dilation, groups = ctx.conv
+        grads = torch.ops.fastres.conv_bn_act_backward(
+            grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation, groups,
+            ctx.training, ctx.relu, needs)
+        dx, dw, db, dg, dbeta, dres = (g if need else None for g, need in zip(grads, needs))
+        return (dx, dw, db, dg, dbeta, None, None, dres) + (None,) * 8
+
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair, name: str) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"conv_bn_act: {name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+           stride, padding, dilation, groups: int, training: bool) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = f"{x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"conv_bn_act: expected a 4-D input (N, C, H, W), got {got} input")
+    if not x.is_floating_point():
+        raise TypeError(f"conv_bn_act: expected a floating-point input (float32, float16 or bfloat16), "
+                        f"got {x.dtype}")
+    if weight.dim() != 4:
+        raise ValueError(f"conv_bn_act: expected a 4-D weight (Cout, Cin/groups, kH, kW), got {weight.dim()}-D")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"conv_bn_act: expected input with {weight.shape[1] * groups} channels "
+                         f"(weight {tuple(weight.shape)}, groups={groups}), got input of shape {tuple(x.shape)} "
+                         f"with {x.shape[1]} channels")
+    for name, t in (("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"conv_bn_act: expected {name} on the input's device {x.device}, got {t.device}")
+    c = weight.shape[0]
+    for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"conv_bn_act: expected {name} of shape ({c},), got {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("conv_bn_act: running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError("conv_bn_act: eval mode (training=False) needs running_mean and running_var")
+    shape = conv_out_shape(x.shape, weight.shape, stride, padding, dilation)
+    if shape[2] <= 0 or shape[3] <= 0:
+        raise ValueError(f"conv_bn_act: input {tuple(x.shape)} is too small for a {tuple(weight.shape[2:])} "
+                         f"kernel with padding {padding}, dilation {dilation}")
+    if residual is not None and list(residual.shape) != shape:
+        raise ValueError(f"conv_bn_act: expected residual of shape {tuple(shape)} (the conv output), "
+                         f"got {tuple(residual.shape)}")
+    if training and shape[0] * shape[2] * shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(shape)}")
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
+                bn_bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
+                running_var: Optional[Tensor] = None, residual: Optional[Tensor] = None, *,
+                stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+                training: bool = True, momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> Tensor:
+    """y = act(batch_norm(conv2d(x, weight, bias)) (+ residual)), in one fused op.
+
+    training=True normalises with batch statistics and, when running_mean/running_var are given,
+    updates them in place with `momentum` (the effective factor: pass 1/num_batches_tracked for a
+    cumulative average). training=False normalises with the running statistics.
+    Under autocast, x, weight, bias and residual are cast to the autocast dtype; BatchNorm
+    parameters and statistics stay in their own dtype (fp32).
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+           dilation, groups, training)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        residual = residual.to(dt) if residual is not None else None
+    elif weight.dtype != x.dtype:
+        raise TypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
+                        f"(use autocast or convert the model with .to(dtype))")
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
+    return _ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                            stride, padding, dilation, int(groups), bool(training), float(momentum),
+                            float(eps), bool(relu))

@@ -1,0 +1,141 @@
+"""fastres install. The CUDA C++ extension fastres._C is built from csrc/ when nvcc and a CUDA build of
+torch are present. Environment:
+  FASTRES_BUILD_CUDA  unset: build when possible, otherwise install without it (and say why);
+                      1: build or fail; 0: skip.
+  FASTRES_CUDA_ARCHS  compute capabilities to compile for, default "80;90".
+  MAX_JOBS            parallel compile jobs (torch's ninja build honours it).
+  CUDA_HOME           the CUDA toolkit; when unset, found from nvcc (following a wrapper script).
+Install with --no-build-isolation so the build sees the installed torch.
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODE = os.environ.get("FASTRES_BUILD_CUDA", "").strip()
+if MODE not in ("", "0", "1"):
+    sys.exit(f"FASTRES_BUILD_CUDA must be 0, 1 or unset, got {MODE!r}")
+
+
+def say(msg):
+    print(f"fastres setup: {msg}", file=sys.stderr)
+
+
+def is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "crt", "host_defines.h"))
+
+
+def find_cuda_home():
+    """The CUDA toolkit folder: CUDA_HOME, else the one nvcc belongs to (a wrapper script on PATH is
+    followed to the nvcc it runs), else /usr/local/cuda or the newest /usr/local/cuda-*."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:
+            with open(real, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+            candidates += [m.group(1) for m in re.finditer(r"(/[^\s\"']+)/bin/nvcc\b", head)]
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if is_toolkit(c)), None)
+
+
+def cuda_extension():
+    """([CUDAExtension], {"build_ext": BuildExtension}) or ([], {}) when the extension is skipped."""
+    if MODE == "0":
+        say("FASTRES_BUILD_CUDA=0: not building the CUDA extension")
+        return [], {}
+    why = None
+    cuda_home = find_cuda_home()
+    try:
+        import torch
+    except ImportError:
+        torch, why = None, "torch is not installed in the build environment (use --no-build-isolation)"
+    if why is None and cuda_home is None:
+        why = "no CUDA toolkit found (nvcc not on PATH, CUDA_HOME unset)"
+    if why is None and torch.version.cuda is None:
+        why = f"torch {torch.__version__} is not a CUDA build"
+    if why is not None:
+        if MODE == "1":
+            sys.exit(f"fastres setup: FASTRES_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
+        say(f"not building the CUDA extension: {why}")
+        return [], {}
+    os.environ["CUDA_HOME"] = cuda_home
+    say(f"building fastres._C with the CUDA toolkit in {cuda_home}")
+    archs = os.environ.get("FASTRES_CUDA_ARCHS", "80;90")
+    arch_list = [a.strip() for a in re.split(r"[;, ]+", archs) if a.strip()]
+    parts = [re.fullmatch(r"(\d+)(\d)(a?)", a) for a in arch_list]
+    if not parts or not all(parts):
+        sys.exit(f"fastres setup: FASTRES_CUDA_ARCHS must look like '80;90', got {archs!r}")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{m[1]}.{m[2]}{m[3]}" for m in parts)
+    say(f"compute capabilities {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    # ATen's CUDA headers include CUDA library headers that pip's nvidia packages ship.
+    for site in sys.path:
+        inc = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(inc):
+            include_dirs.append(inc)
+            break
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    if not sources:
+        sys.exit("fastres setup: csrc/ has no sources")
+    ext = CUDAExtension(
+        "fastres._C", sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+class _Optional:
+    """Wraps build_ext so that, unless FASTRES_BUILD_CUDA=1, a failed compile leaves the install
+    without fastres._C (and says so loudly) instead of failing it."""
+
+    @staticmethod
+    def wrap(cmdclass):
+        if MODE == "1" or "build_ext" not in cmdclass:
+            return cmdclass
+        base = cmdclass["build_ext"]
+
+        class build_ext(base):
+            def run(self):
+                try:
+                    super().run()
+                except Exception as e:  # compile errors surface as various distutils errors
+                    say(f"WARNING: building the CUDA extension failed ({e}); fastres installs without "
+                        "it. Set FASTRES_BUILD_CUDA=1 to make this an error.")
+
+        return {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="fastres",
+    version="0.1.0",
+    description="ResNet for PyTorch with fused conv + BatchNorm (+ add) (+ ReLU) kernels in Triton and CUDA C++",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastres", "fastres.ops", "fastres.models", "fastres.kernels"],
+    package_dir={"fastres.kernels": "kernels"},
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={
+        "train": ["tqdm", "matplotlib", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "torchvision", "scikit-learn", "tqdm", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=_Optional.wrap(cmdclass),
+    zip_safe=False,
+)
