@@ -17,7 +17,7 @@ def _load() -> Tuple[object, str]:
         from fastres import _C  # type: ignore[attr-defined]
     except ImportError as e:
         msg = str(e)
-        if "No module named" in msg and "_C" in msg:
+        if "_C" in msg and ("No module named" in msg or "cannot import name" in msg):
             msg = ("fastres._C is not built (install with nvcc present, or FASTRES_BUILD_CUDA=1 to "
                    "make the build mandatory)")
         return None, msg
