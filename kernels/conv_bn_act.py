@@ -1,0 +1,114 @@
+"""The "triton" backend of fastres::conv_bn_act: the Triton conv (kernels/conv.py) + the Triton BatchNorm
+kernels (kernels/batchnorm.py). Same functions, arguments and outputs as fastres/ops/reference.py
+(the math is written out there); fastres/backend.py picks this module when the user asks for "triton".
+
+Forward, training:  z, partials = conv2d_nhwc(x, W, b, want_stats=True)   one launch: conv + tile stats
+                    mean, invstd = bn_finalize(partials, running stats)     one launch: merge + running update
+                    y, mask      = bn_apply(z, ..., residual, relu)         one launch: scale/shift/add/ReLU/bits
+Forward, eval:      y = conv2d_nhwc(x, W, scale=gamma*invstd, shift=..., residual, relu)   one launch
+Backward:           dz, dgamma, dbeta, dres = bn_backward(...)  (z recomputed by the conv in eval mode)
+                    dx, dW, db = aten.convolution_backward(dz)
+The conv writes channels_last; for an NCHW input, z and y are brought to NCHW (one copy each) so that
+every output has the input's memory format and the ReLU bit mask follows y's memory order.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, pack_mask
+from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
+from fastres.ops.reference import memory_format_of
+
+Tensor = torch.Tensor
+
+__all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports"]
+
+
+def conv_bn_act_supports(x: Tensor, weight: Tensor, residual: Optional[Tensor], stride, padding, dilation,
+                         groups: int, training: bool, relu: bool) -> Optional[str]:
+    """None when the Triton kernels cover this call, else why not (the torch backend then runs it)."""
+    why = conv2d_nhwc_supports(x, weight, stride, padding, dilation, groups)
+    if why is not None:
+        return f"triton conv: {why}"
+    if residual is not None and residual.dtype != x.dtype:
+        return f"residual dtype {residual.dtype} != input dtype {x.dtype}"
+    return None
+
+
+def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, **epilogue):
+    return conv2d_nhwc(x, weight, bias, stride=list(stride), padding=list(padding), dilation=list(dilation),
+                       **epilogue)
+
+
+def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                        bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], residual: Optional[Tensor], stride: List[int],
+                        padding: List[int], dilation: List[int], groups: int, training: bool,
+                        momentum: float, eps: float, relu: bool, save_mask: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, mean, invstd, mask) as fastres.ops.reference.conv_bn_act_forward."""
+    fmt = memory_format_of(x)
+    save = bool(relu and save_mask)
+    if training:
+        z, partials = _conv(x, weight, bias, stride, padding, dilation, want_stats=True)
+        mean, invstd = bn_finalize(partials, running_mean, running_var, momentum, eps)
+        z = _in_format(z, fmt)
+        y, mask = bn_apply(z, mean, invstd, bn_weight, bn_bias, residual, relu, save)
+        return y, z, mean, invstd, mask
+
+    # Eval: BatchNorm is an affine map per output channel, folded into the conv's epilogue:
+    #   y = act((conv(x) + b - running_mean) * s + beta (+ residual)),  s = gamma / sqrt(running_var + eps)
+    #     = act(conv(x) * s + shift (+ residual)),                      shift = beta + (b - running_mean) * s.
+    # Multiplying the fp32 accumulator by s[c] in the epilogue is the same fold as using the weights
+    # W[c] * s[c], without rounding W * s to the data dtype (bf16 keeps only 8 bits of it), in one launch.
+    assert running_mean is not None and running_var is not None
+    mean = running_mean.to(torch.float32, copy=True)
+    invstd = torch.rsqrt(running_var.float() + eps)
+    scale = invstd if bn_weight is None else invstd * bn_weight.float()
+    off = -mean if bias is None else bias.float() - mean
+    shift = off * scale if bn_bias is None else bn_bias.float() + off * scale
+    y, _ = _conv(x, weight, None, stride, padding, dilation, scale=scale, shift=shift, residual=residual,
+                 relu=relu)
+    y = _in_format(y, fmt)
+    mask = pack_mask(y) if save else x.new_empty(0, dtype=torch.uint8)
+    return y, x.new_empty(0), mean, invstd, mask
+
+
+def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor,
+                         mask: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                         stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                         training: bool, relu: bool, needs: List[bool]
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual) as fastres.ops.reference.conv_bn_act_backward."""
+    need_dx, need_dw, need_db, need_dg, need_dbeta, need_dres = needs
+    fmt = memory_format_of(x)
+
+    def empty() -> Tensor:
+        return x.new_empty(0)
+
+    if not training:  # z is not saved in eval mode: recompute it (conv + bias, no epilogue)
+        z, _ = _conv(x, weight, bias, stride, padding, dilation)
+    z = _in_format(z, fmt)
+    dz, sum_gx, sum_g, dres = bn_backward(grad_y, z, mask, mean, invstd, bn_weight, training, relu,
+                                          bool(need_dres))
+    dx, dw, db = empty(), empty(), empty()
+    if need_dx or need_dw or need_db:
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            dz, x, weight, [weight.shape[0]] if bias is not None else None,
+            stride, padding, dilation, False, [0, 0], groups, [need_dx, need_dw, need_db])
+        if need_dx:
+            dx = gx.contiguous(memory_format=fmt)
+        if need_dw:
+            dw = gw.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
+        if need_db:
+            db = gb.to(bias.dtype)
+    pdtype = bn_weight.dtype if bn_weight is not None else torch.float32
+    dgamma = sum_gx.to(pdtype) if need_dg else empty()
+    dbeta = sum_g.to(pdtype) if need_dbeta else empty()
+    return dx, dw, db, dgamma, dbeta, (dres if need_dres else empty())
