@@ -93,7 +93,9 @@ def cuda_extension():
         sys.exit("fastres setup: csrc/ has no sources")
     ext = CUDAExtension(
         "fastres._C", sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+        # C++20 for the host code: torch's headers (2.14) need it. The .cu files include no torch
+        # header, so they stay on nvcc's C++17.
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
                             "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
