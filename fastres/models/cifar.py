@@ -1,0 +1,87 @@
+"""The CIFAR-10 networks of the paper's section 4.2, fused.
+
+A 3x3 conv with 16 filters (+ BN + ReLU), then three stages of n BasicBlocks with 16, 32 and 64 filters
+on 32x32, 16x16 and 8x8 maps (the first block of stages 2 and 3 has stride 2), global average pooling
+and a fully connected layer: 6n + 2 weighted layers. Option A shortcuts (zero padding, no extra
+parameters) by default, as in the paper: resnet20/32/44/56/110/1202 have 0.27M, 0.46M, 0.66M, 0.85M,
+1.7M and 19.4M parameters. plain20..110 are the same nets without shortcuts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut
+from fastres.nn import conv_bn_act_modules
+
+Tensor = torch.Tensor
+
+__all__ = ["CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
+           "plain20", "plain32", "plain44", "plain56", "plain110"]
+
+
+class CifarResNet(nn.Module):
+    """The paper's 6n+2-layer CIFAR net. `shortcut`: "A" (default), "B", "C" or None (plain)."""
+
+    def __init__(self, depth: int, num_classes: int = 10, shortcut: Optional[str] = "A",
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CifarResNet: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202, ...), "
+                             f"got {depth!r}")
+        self.depth = depth
+        self.shortcut = check_shortcut(shortcut)
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.inplanes = 16
+        self.layer1 = self._make_layer(16, n, stride=1)
+        self.layer2 = self._make_layer(32, n, stride=2)
+        self.layer3 = self._make_layer(64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(64, num_classes)
+        init_weights(self)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for i in range(blocks):
+            s = stride if i == 0 else 1
+            ds = make_shortcut(self.shortcut, self.inplanes, planes, s, nn.BatchNorm2d)
+            layers.append(BasicBlock(self.inplanes, planes, s, ds, shortcut=self.shortcut))
+            self.inplanes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = conv_bn_act_modules(x, self.conv1, self.bn1, relu=True)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, shortcut={self.shortcut!r}"
+
+
+def _factory(depth: int, shortcut: Optional[str]):
+    def build(**kwargs) -> CifarResNet:
+        return CifarResNet(depth, **{"shortcut": shortcut, **kwargs})
+
+    kind = "plain net" if shortcut is None else "ResNet"
+    build.__name__ = build.__qualname__ = f"{'plain' if shortcut is None else 'resnet'}{depth}"
+    build.__doc__ = f"The paper's {depth}-layer CIFAR-10 {kind} (section 4.2). Keyword arguments go to CifarResNet."
+    return build
+
+
+resnet20 = _factory(20, "A")
+resnet32 = _factory(32, "A")
+resnet44 = _factory(44, "A")
+resnet56 = _factory(56, "A")
+resnet110 = _factory(110, "A")
+resnet1202 = _factory(1202, "A")
+plain20 = _factory(20, None)
+plain32 = _factory(32, None)
+plain44 = _factory(44, None)
+plain56 = _factory(56, None)
+plain110 = _factory(110, None)
