@@ -3,6 +3,7 @@
     from fastres import FusedResNet50, resnet20, convert, set_backend
 """
 from fastres.backend import BackendUnavailableError, get_backend, set_backend, use_backend
+from fastres.convert import ConversionReport, convert  # the name fastres.convert is the function
 from fastres.models import *  # noqa: F401,F403  (the model zoo; names in fastres.models.__all__)
 from fastres.models import __all__ as _models_all
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
@@ -11,4 +12,4 @@ from fastres.ops import conv_bn_act
 __version__ = "0.1.0"
 
 __all__ = ["BackendUnavailableError", "get_backend", "set_backend", "use_backend", "FusedConvBN2d",
-           "FusedConvBNReLU2d", "conv_bn_act", *_models_all]
+           "FusedConvBNReLU2d", "conv_bn_act", "convert", "ConversionReport", *_models_all]

@@ -36,7 +36,6 @@ __all__ = ["convert", "ConversionReport", "FusedSequential"]
 
 log = logging.getLogger("fastres")
 
-_BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
 
 
 @dataclasses.dataclass
@@ -69,10 +68,6 @@ def _pair_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     why = unfusable_reason(conv, bn)
     if why is not None:
         return why
-    if type(conv).forward is not nn.Conv2d.forward:
-        return f"{type(conv).__name__} has its own forward"
-    if type(bn).forward not in _BN_FORWARDS:
-        return f"{type(bn).__name__} has its own forward"
     if _hooked(conv) or _hooked(bn):
         return "a hook is registered on the conv or the BatchNorm (the fused op would skip it)"
     return None

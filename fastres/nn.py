@@ -10,7 +10,7 @@ parameters and buffers, so state_dicts, optimizers, ``.half()``, ``.to(memory_fo
 Cases the fused op does not express run the same modules unfused, and say so (DEBUG log on the
 ``fastres`` logger, counted in fastres.backend.calls as ("conv_bn_act", "forward", "unfused")):
 a conv whose padding_mode is not "zeros" or whose padding is a string, a BatchNorm that is not a
-BatchNorm2d, and SyncBatchNorm while training across several processes (its statistics need a
+BatchNorm2d, a subclass with its own forward (the fused op would skip it), and SyncBatchNorm while training across several processes (its statistics need a
 collective; the conv and BN then run as the two modules, still exact).
 """
 from __future__ import annotations
@@ -35,6 +35,10 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
         return f"{type(conv).__name__} is not an nn.Conv2d"
     if not isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm):
         return f"{type(bn).__name__} is not an nn.BatchNorm2d"
+    if type(conv).forward is not nn.Conv2d.forward:
+        return f"{type(conv).__name__} has its own forward (the fused op would skip it)"
+    if type(bn).forward not in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
+        return f"{type(bn).__name__} has its own forward (the fused op would skip it)"
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):

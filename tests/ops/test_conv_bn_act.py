@@ -226,3 +226,18 @@ def test_bad_input_errors_name_what_was_expected(make, err, match):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="expected one of auto, triton, cuda, torch"):
         fastres.set_backend("tensorrt")
+
+
+def test_subclass_with_its_own_forward_runs_unfused():
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    conv, bn = ScaledConv(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(2.0)
+    backend.calls.clear()
+    x = torch.randn(2, 3, 5, 5)
+    y = fastres.nn.conv_bn_act_modules(x, conv, bn)
+    torch.testing.assert_close(y, bn(conv(x)))
+    assert backend.calls[("conv_bn_act", "forward", "unfused")] == 1
