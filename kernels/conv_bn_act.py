@@ -19,7 +19,7 @@ import torch
 
 from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, pack_mask
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
-from fastres.ops.reference import memory_format_of
+from fastres.ops.reference import conv_bn_act_grads, memory_format_of
 
 Tensor = torch.Tensor
 
@@ -86,29 +86,11 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
                          training: bool, relu: bool, needs: List[bool]
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual) as fastres.ops.reference.conv_bn_act_backward."""
-    need_dx, need_dw, need_db, need_dg, need_dbeta, need_dres = needs
     fmt = memory_format_of(x)
-
-    def empty() -> Tensor:
-        return x.new_empty(0)
-
     if not training:  # z is not saved in eval mode: recompute it (conv + bias, no epilogue)
         z, _ = _conv(x, weight, bias, stride, padding, dilation)
     z = _in_format(z, fmt)
     dz, sum_gx, sum_g, dres = bn_backward(grad_y, z, mask, mean, invstd, bn_weight, training, relu,
-                                          bool(need_dres))
-    dx, dw, db = empty(), empty(), empty()
-    if need_dx or need_dw or need_db:
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            dz, x, weight, [weight.shape[0]] if bias is not None else None,
-            stride, padding, dilation, False, [0, 0], groups, [need_dx, need_dw, need_db])
-        if need_dx:
-            dx = gx.contiguous(memory_format=fmt)
-        if need_dw:
-            dw = gw.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
-        if need_db:
-            db = gb.to(bias.dtype)
-    pdtype = bn_weight.dtype if bn_weight is not None else torch.float32
-    dgamma = sum_gx.to(pdtype) if need_dg else empty()
-    dbeta = sum_g.to(pdtype) if need_dbeta else empty()
-    return dx, dw, db, dgamma, dbeta, (dres if need_dres else empty())
+                                          bool(needs[5]))
+    return conv_bn_act_grads(dz, x, weight, bias, sum_gx, sum_g, dres, bn_weight, stride, padding,
+                             dilation, groups, needs)

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from fastres import _alloc, _ext
-from fastres.ops.reference import memory_format_of, pack_relu_mask, unpack_relu_mask
+from fastres.ops.reference import conv_bn_act_grads, memory_format_of, pack_relu_mask, unpack_relu_mask
 
 _C = _ext.module()  # ImportError (with the reason) when fastres._C is not built
 
@@ -162,35 +162,16 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """As fastres.ops.reference.conv_bn_act_backward: (dx, dweight, dbias, dbn_weight, dbn_bias,
     dresidual), an empty tensor where `needs` is False."""
-    need_dx, need_dw, need_db, need_dg, need_dbeta, need_dres = needs
     fmt = memory_format_of(x)
-
-    def empty() -> Tensor:  # a fresh one per output: custom-op outputs may not alias each other
-        return x.new_empty(0)
-
     with torch.autocast(x.device.type, enabled=False):
         if not training:  # z is not saved in eval mode
             z = _conv(x, weight, bias, stride, padding, dilation, groups)
         z = _cl(z)
         if not relu:
-            mask = empty().to(torch.uint8)
+            mask = z.new_empty(0, dtype=torch.uint8)
         elif fmt != _CL:
             mask = mask_nchw_to_nhwc(mask, z.shape)
         dz, dgamma, dbeta, dres = bn_backward(_cl(grad_y), z, mask, mean, invstd, bn_weight, training,
-                                              relu, need_dres)
-        dx, dw, db = empty(), empty(), empty()
-        if need_dx or need_dw or need_db:
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                dz, _cl(x), _cl(weight), [weight.shape[0]] if bias is not None else None,
-                stride, padding, dilation, False, [0, 0], groups, [need_dx, need_dw, need_db])
-            if need_dx:
-                dx = gx.contiguous(memory_format=fmt)
-            if need_dw:
-                dw = gw.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
-            if need_db:
-                db = gb.to(bias.dtype)
-        pdtype = bn_weight.dtype if bn_weight is not None else torch.float32
-        dgamma = dgamma.to(pdtype) if need_dg else empty()
-        dbeta = dbeta.to(pdtype) if need_dbeta else empty()
-        dres = dres.contiguous(memory_format=fmt) if need_dres else empty()
-    return dx, dw, db, dgamma, dbeta, dres
+                                              relu, needs[5])
+        return conv_bn_act_grads(dz, x, weight, bias, dgamma, dbeta, dres, bn_weight, stride, padding,
+                                 dilation, groups, needs, conv_layout=_CL)
