@@ -134,8 +134,8 @@ setup(
     package_dir={"fastres.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
-        "train": ["tqdm", "matplotlib", "scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "torchvision", "scikit-learn", "tqdm", "matplotlib"],
+        "train": ["tqdm", "matplotlib", "scikit-learn", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "torchvision", "scikit-learn", "tqdm", "matplotlib", "pillow"],
     },
     ext_modules=ext_modules,
     cmdclass=_Optional.wrap(cmdclass),
