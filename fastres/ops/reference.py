@@ -75,6 +75,12 @@ def unpack_relu_mask(mask: Tensor, like: Tensor) -> Tensor:
     return flat.view(like.shape)
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """Per-channel reductions accumulate as PyTorch's own BatchNorm does on that device: in float64
+    on a CPU (ATen's CPU accumulate type for float), in float32 on a GPU (float64 stays float64)."""
+    return torch.float64 if t.device.type == "cpu" or t.dtype == torch.float64 else torch.float32
+
+
 def _bcast(v: Tensor) -> Tensor:
     return v[None, :, None, None]
 
@@ -92,7 +98,8 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
         z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         zf = z.float()
         if training:
-            var, mean = torch.var_mean(zf, dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(zf.to(_acc_dtype(zf)), dim=(0, 2, 3), correction=0)
+            var, mean = var.float(), mean.float()
             invstd = torch.rsqrt(var + eps)
             if running_mean is not None and running_var is not None:
                 n = zf.numel() // zf.shape[1]
@@ -137,8 +144,8 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
         if not training:
             z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         xhat = (z.float() - _bcast(mean)) * _bcast(invstd)
-        sum_g = g.sum(dim=(0, 2, 3))
-        sum_gx = (g * xhat).sum(dim=(0, 2, 3))
+        sum_g = g.sum(dim=(0, 2, 3), dtype=_acc_dtype(g)).float()
+        sum_gx = (g * xhat).sum(dim=(0, 2, 3), dtype=_acc_dtype(g)).float()
         scale = invstd if bn_weight is None else invstd * bn_weight.float()
         if training:
             n = g.numel() // g.shape[1]
