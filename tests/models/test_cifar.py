@@ -9,38 +9,11 @@ import torch.nn.functional as F
 import fastres.backend as backend
 from fastres.models import cifar
 from fastres.models.resnet import BasicBlock, ZeroPadShortcut
-
-FWD = ("conv_bn_act", "forward", "torch")
-BWD = ("conv_bn_act", "backward", "torch")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, torch's thread pool mostly waits on itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomize_bn(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+from model_helpers import BWD, FWD, count_convs, randomize_bn
 
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def count_convs(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def by_hand(net: cifar.CifarResNet, x: torch.Tensor) -> torch.Tensor:

@@ -7,23 +7,10 @@ import torch.nn as nn
 
 import fastres.backend as backend
 from fastres.models import resnet as fr
+from model_helpers import BWD, FWD, UNFUSED, assert_as_good, count_convs, randomize_bn
 
 tvm = pytest.importorskip("torchvision.models", reason="torchvision is needed as the reference")
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, torch's thread pool mostly waits on itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-FWD = ("conv_bn_act", "forward", "torch")
-BWD = ("conv_bn_act", "backward", "torch")
-UNFUSED = ("conv_bn_act", "forward", "unfused")
 
 PAIRS = {
     18: (tvm.resnet18, fr.FusedResNet18),
@@ -32,26 +19,6 @@ PAIRS = {
     101: (tvm.resnet101, fr.FusedResNet101),
     152: (tvm.resnet152, fr.FusedResNet152),
 }
-
-
-def randomize_bn(model: nn.Module, gen: torch.Generator, branch_scale: float = 1.0) -> None:
-    """Random affine parameters and running statistics in every BatchNorm (so that none is an identity).
-
-    branch_scale multiplies the weight of each block's last BN (bn2 / bn3), as zero_init_residual does in
-    the limit. Gradient tests use 0.2: with unit-scale branches a random deep ResNet's train-mode
-    gradient is so ill-conditioned that PyTorch's own fp32 gradient is up to 30% off fp64 (ResNet-50,
-    batch 2), and no comparison could tell a bug from rounding."""
-    last = {id(getattr(b, "bn3", None) or b.bn2) for b in model.modules() if hasattr(b, "conv2")}
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                scale = branch_scale if id(m) in last else 1.0
-                m.weight.copy_((torch.rand(c, generator=gen) + 0.5) * scale)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.num_batches_tracked.fill_(int(torch.randint(1, 100, (1,), generator=gen)))
 
 
 def clone_model(ctor, state, dtype=torch.float32, **kwargs):
@@ -75,23 +42,9 @@ def trio(depth: int, seed: int = 0, branch_scale: float = 1.0):
     return ref, fused, oracle
 
 
-def count_convs(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
 def assert_close(a, b, rel=1e-4):
     scale = max(b.abs().max().item(), 1e-6)
     torch.testing.assert_close(a, b, rtol=rel, atol=rel * scale)
-
-
-def assert_as_good(got, ref, oracle, name=""):
-    """The house rule: the fused fp32 result is at most about twice as far from the fp64 oracle as
-    PyTorch's own fp32 result is (plus 1e-6 of the magnitude, for results PyTorch gets exactly)."""
-    oracle = oracle.double()
-    err = (got.double() - oracle).abs().max().item()
-    base = (ref.double() - oracle).abs().max().item()
-    bound = 2 * base + 1e-6 * oracle.abs().max().item()
-    assert err <= bound, f"{name}: fused error {err:.3g} > bound {bound:.3g} (torch fp32 error {base:.3g})"
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
