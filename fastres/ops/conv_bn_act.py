@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastres import backend
-from fastres.ops.reference import conv_out_shape, memory_format_of
+from fastres.ops.reference import conv_out_shape, memory_format_of, stats_dtype
 
 Tensor = torch.Tensor
 OP = "conv_bn_act"
@@ -61,7 +61,7 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, 
     fmt = memory_format_of(x)
     y = _new(x, shape, fmt=fmt)
     z = _new(x, shape, fmt=fmt) if training else x.new_empty(0)
-    stats = x.new_empty(shape[1], dtype=torch.float32)
+    stats = x.new_empty(shape[1], dtype=stats_dtype(x))
     nmask = (shape[0] * shape[1] * shape[2] * shape[3] + 7) // 8 if relu and save_mask else 0
     return y, z, stats, stats.clone(), x.new_empty(nmask, dtype=torch.uint8)
 
@@ -84,7 +84,7 @@ def _(grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding
     def empty():
         return x.new_empty(0)
 
-    pdtype = bn_weight.dtype if bn_weight is not None else torch.float32
+    pdtype = bn_weight.dtype if bn_weight is not None else stats_dtype(x)
     c = weight.shape[0]
     return (
         _new(x, x.shape, fmt=memory_format_of(x)) if needs[0] else empty(),

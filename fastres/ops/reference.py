@@ -75,6 +75,12 @@ def unpack_relu_mask(mask: Tensor, like: Tensor) -> Tensor:
     return flat.view(like.shape)
 
 
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the BatchNorm statistics (mean, invstd) and of the arithmetic around them: float32
+    for fp32/fp16/bf16 data, float64 for float64 data (so a float64 model stays a float64 oracle)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _acc_dtype(t: Tensor) -> torch.dtype:
     """Per-channel reductions accumulate as PyTorch's own BatchNorm does on that device: in float64
     on a CPU (ATen's CPU accumulate type for float), in float32 on a GPU (float64 stays float64)."""
@@ -96,10 +102,11 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     fmt = memory_format_of(x)
     with torch.autocast(x.device.type, enabled=False):
         z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        zf = z.float()
+        ct = stats_dtype(x)
+        zf = z.to(ct)
         if training:
             var, mean = torch.var_mean(zf.to(_acc_dtype(zf)), dim=(0, 2, 3), correction=0)
-            var, mean = var.float(), mean.float()
+            var, mean = var.to(ct), mean.to(ct)
             invstd = torch.rsqrt(var + eps)
             if running_mean is not None and running_var is not None:
                 n = zf.numel() // zf.shape[1]
@@ -109,14 +116,14 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
                     running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         else:
             assert running_mean is not None and running_var is not None
-            mean = running_mean.to(torch.float32, copy=True)
-            invstd = torch.rsqrt(running_var.float() + eps)
-        scale = invstd if bn_weight is None else invstd * bn_weight.float()
+            mean = running_mean.to(ct, copy=True)
+            invstd = torch.rsqrt(running_var.to(ct) + eps)
+        scale = invstd if bn_weight is None else invstd * bn_weight.to(ct)
         yf = (zf - _bcast(mean)) * _bcast(scale)
         if bn_bias is not None:
-            yf = yf + _bcast(bn_bias.float())
+            yf = yf + _bcast(bn_bias.to(ct))
         if residual is not None:
-            yf = yf + residual.float()
+            yf = yf + residual.to(ct)
         if relu:
             yf = torch.relu(yf)
         y = yf.to(x.dtype).contiguous(memory_format=fmt)
@@ -138,15 +145,16 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
         return x.new_empty(0)
 
     with torch.autocast(x.device.type, enabled=False):
-        g = grad_y.float()
+        ct = stats_dtype(x)
+        g = grad_y.to(ct)
         if relu:
             g = g.masked_fill(~unpack_relu_mask(mask, g), 0.0)
         if not training:
             z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        xhat = (z.float() - _bcast(mean)) * _bcast(invstd)
-        sum_g = g.sum(dim=(0, 2, 3), dtype=_acc_dtype(g)).float()
-        sum_gx = (g * xhat).sum(dim=(0, 2, 3), dtype=_acc_dtype(g)).float()
-        scale = invstd if bn_weight is None else invstd * bn_weight.float()
+        xhat = (z.to(ct) - _bcast(mean)) * _bcast(invstd)
+        sum_g = g.sum(dim=(0, 2, 3), dtype=_acc_dtype(g)).to(ct)
+        sum_gx = (g * xhat).sum(dim=(0, 2, 3), dtype=_acc_dtype(g)).to(ct)
+        scale = invstd if bn_weight is None else invstd * bn_weight.to(ct)
         if training:
             n = g.numel() // g.shape[1]
             dz = (g - _bcast(sum_g / n) - xhat * _bcast(sum_gx / n)) * _bcast(scale)
@@ -184,7 +192,7 @@ def conv_bn_act_grads(dz: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
             dw = gw.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
         if need_db:
             db = gb.to(bias.dtype)
-    pdtype = bn_weight.dtype if bn_weight is not None else torch.float32
+    pdtype = bn_weight.dtype if bn_weight is not None else sum_g.dtype
     dgamma = sum_gx.to(pdtype) if need_dg else empty()
     dbeta = sum_g.to(pdtype) if need_dbeta else empty()
     dres = dres.contiguous(memory_format=memory_format_of(x)) if need_dres else empty()

@@ -241,3 +241,20 @@ def test_subclass_with_its_own_forward_runs_unfused():
     y = fastres.nn.conv_bn_act_modules(x, conv, bn)
     torch.testing.assert_close(y, bn(conv(x)))
     assert backend.calls[("conv_bn_act", "forward", "unfused")] == 1
+
+
+def test_float64_model_stays_float64():
+    """The torch backend keeps float64 data in float64 end to end (a fused model can be an oracle)."""
+    fused, ref = _pair({}, conv_bias=True)
+    fused, ref = fused.double(), ref.double()
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fused(xa), ref(xb)
+    assert ya.dtype == torch.float64
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+    for a, b in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(fused.bn.running_var, ref[1].running_var, rtol=1e-12, atol=1e-12)
