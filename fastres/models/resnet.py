@@ -89,13 +89,9 @@ def make_shortcut(shortcut: Optional[str], in_planes: int, out_planes: int, stri
     return nn.Sequential(conv1x1(in_planes, out_planes, stride), norm_layer(out_planes))
 
 
-_BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
-
-
 def _is_conv_bn(m: nn.Module) -> bool:
-    """A downsample that is exactly Sequential(conv, bn) with stock forwards runs as one fused op."""
-    return (type(m) is nn.Sequential and len(m) == 2 and type(m[0]).forward is nn.Conv2d.forward
-            and type(m[1]).forward in _BN_FORWARDS and unfusable_reason(m[0], m[1]) is None)
+    """A downsample that is exactly Sequential(conv, bn), fusable, runs as one fused op."""
+    return type(m) is nn.Sequential and len(m) == 2 and unfusable_reason(m[0], m[1]) is None
 
 
 def shortcut_of(block: nn.Module, x: Tensor) -> Optional[Tensor]:
