@@ -88,3 +88,12 @@ def test_info_command():
 
     info = json.loads(r.stdout)
     assert info["conv_bn_act runs on"]["cpu"] == "torch"
+
+
+def test_auto_on_cuda_follows_the_recorded_preference(monkeypatch):
+    fastres.set_backend("auto")
+    cuda = torch.device("cuda")
+    assert backend.resolve("conv_bn_act", cuda) == "torch"  # nothing verified on a GPU is on record
+    monkeypatch.setitem(backend.AUTO_PREFERENCE, "conv_bn_act", ("cuda", "triton", "torch"))
+    monkeypatch.setattr(backend, "available", lambda name: (name != "cuda", "not built"))
+    assert backend.resolve("conv_bn_act", cuda) == "triton"  # the first available one
