@@ -302,7 +302,10 @@ __global__ void __launch_bounds__(kThreads) bn_stats_kernel(StatsArgs a) {
     const int c = c0 + v;
     if (c >= C) continue;
     const float mean = s.a[v];
-    const float var = fmaxf(s.b[v] / n, 0.f);  // biased: used to normalise
+    // Biased: used to normalise. Clamped at 0 without fmaxf, which would turn a NaN M2 (NaN or inf
+    // in z) into 0 and leave invstd and running_var finite where the reference gives NaN.
+    const float m2n = s.b[v] / n;
+    const float var = m2n < 0.f ? 0.f : m2n;
     a.mean[c] = mean;
     a.invstd[c] = rsqrtf(var + a.eps);
     if (a.running_mean != nullptr) {
