@@ -155,7 +155,7 @@ def _apply_kernel(
     if HAS_RES:
         y = y + tl.load(res_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # ReLU that keeps NaN, as torch.relu (maximum would drop it)
     y = y.to(z.dtype)
     tl.store(y_ptr + offs, y, mask=inb)
     if SAVE_MASK:

@@ -159,7 +159,7 @@ def _conv_kernel(
         r_off = (n_img * srn + ho * srh + wo * srw)[:, None] + (cols * src)[None, :]
         y = y + tl.load(RES + r_off, mask=ok, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # ReLU that keeps NaN, as torch.relu (maximum would drop it)
     tl.store(OUT + rows[:, None] * COUT + cols[None, :], y.to(OUT.dtype.element_ty), mask=ok)
 
 

@@ -107,6 +107,22 @@ def test_triton_kernels_ran_and_nothing_fell_back(poison):
     assert not any(k[2].startswith("triton->") for k in backend.calls), dict(backend.calls)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_propagates_like_torch(training):
+    """A NaN input must come out as NaN, as on the torch backend (torch.relu keeps NaN): a ReLU that
+    drops it would zero a diverged channel and hide the divergence. Under the interpreter maximum()
+    keeps NaN anyway; on a GPU it would not, which is what this test guards there."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = FusedConvBN2d(3, 4, 1, relu=True).to(dev).train(training)
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    x[0, :, 1, 2] = float("nan")
+    with fastres.use_backend("torch"):
+        want = torch.isnan(m(x))
+    fastres.set_backend("triton")
+    got = torch.isnan(m(x))
+    assert want.any() and torch.equal(got, want)
+
+
 def test_uncovered_call_runs_torch_and_is_counted():
     """A grouped conv is not covered by the Triton conv: torch runs it, counted, with the same result."""
     backend.calls.clear()
