@@ -2,7 +2,8 @@
 
     from fastres import FusedResNet50, resnet20, convert, set_backend
 """
-from fastres.backend import BackendUnavailableError, get_backend, set_backend, use_backend
+from fastres import backend  # noqa: F401  (fastres.backend: the public name of fastres.backends)
+from fastres.backends import BackendUnavailableError, get_backend, set_backend, use_backend
 from fastres.convert import ConversionReport, convert  # the name fastres.convert is the function
 from fastres.models import *  # noqa: F401,F403  (the model zoo; names in fastres.models.__all__)
 from fastres.models import __all__ as _models_all

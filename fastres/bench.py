@@ -277,7 +277,7 @@ def make_op(kind: str, s: ConvShape, provider: str, setup: Setup, seed: int = 0)
             if name == "triton":
                 from fastres.kernels import batchnorm as impl
             elif name == "cuda":
-                from fastres.ops import cuda_impl as impl
+                from fastres.backends import cuda as impl
             else:
                 raise LookupError("the torch backend has no separate BN op (it runs inside conv_bn_act)")
 

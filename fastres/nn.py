@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres import backend
+from fastres import backends as backend
 from fastres.ops.conv_bn_act import conv_bn_act
 
 Tensor = torch.Tensor

@@ -15,7 +15,7 @@ Host functions (same names, argument order and meaning as the CUDA C++ ops fastr
   bn_apply(z, mean, invstd, weight, bias, residual, relu, save_mask) -> (y, mask)
   bn_backward(grad_y, z, mask, mean, invstd, weight, training, relu, need_dres) -> (dz, dgamma, dbeta, dres)
   pack_mask(y) -> mask  (the bit mask of y > 0 alone, for eval-mode forwards whose y comes from the conv)
-The bit mask layout is fastres.ops.reference.pack_relu_mask: bit i % 8 of byte i // 8 is y_i > 0, i the
+The bit mask layout is fastres.layout.pack_relu_mask: bit i % 8 of byte i // 8 is y_i > 0, i the
 element's position in memory order.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres._alloc import empty
+from fastres.kernels.alloc import empty
 
 Tensor = torch.Tensor
 

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres import _alloc
-from fastres.backend import interpreter_active
+from fastres.kernels import alloc as _alloc
+from fastres.kernels import interpreter_active
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
@@ -260,7 +260,7 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
     PyTorch's own convolutions follow); otherwise full fp32 products.
 
     Returns (out, partials): out (N, Cout, Ho, Wo) channels_last in x's dtype, allocated with
-    fastres._alloc.empty; partials a (T, 3, Cout) fp32 tensor, T = cdiv(N*Ho*Wo, BLOCK_M), holding
+    fastres.kernels.alloc.empty; partials a (T, 3, Cout) fp32 tensor, T = cdiv(N*Ho*Wo, BLOCK_M), holding
     [count, mean, M2] of each M tile per channel (count = valid rows of the tile), or None.
     """
     if not isinstance(x, Tensor) or x.dim() != 4:

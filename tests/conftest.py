@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def poison():
     """Allocations of kernel outputs come filled with NaN / 0xA5 within the test."""
-    from fastres._alloc import poisoned
+    from fastres.kernels.alloc import poisoned
 
     with poisoned():
         yield

@@ -27,8 +27,10 @@ def test_wheel_without_cuda_carries_the_triton_kernels_and_imports(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = glob.glob(str(tmp_path / "wheel" / "fastres-*.whl"))
     names = zipfile.ZipFile(whl).namelist()
-    for mod in ("conv", "batchnorm", "conv_bn_act"):
+    for mod in ("conv", "batchnorm", "alloc"):
         assert f"fastres/kernels/{mod}.py" in names
+    for mod in ("torch", "triton", "cuda", "common"):
+        assert f"fastres/backends/{mod}.py" in names
     assert not any(n.endswith(".so") for n in names)  # FASTRES_BUILD_CUDA=0: no extension
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),

@@ -1,7 +1,7 @@
 """The fused ops, one file each: torch.library custom op + fake + autograd + backend dispatch.
 
-The backends' implementations: fastres/ops/reference.py (torch), kernels/<op>.py (triton, installed
-as fastres.kernels), fastres/ops/cuda_impl.py over csrc/ (cuda).
+The backends' implementations live in fastres/backends/ (torch.py, triton.py over kernels/, cuda.py
+over csrc/); the oracle they are all tested against is fastres/ops/reference.py.
 """
 from fastres.ops.conv_bn_act import conv_bn_act
 

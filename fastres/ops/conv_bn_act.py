@@ -25,8 +25,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from fastres import backend
-from fastres.ops.reference import conv_out_shape, memory_format_of, stats_dtype
+from fastres import backends as backend
+from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
 
 Tensor = torch.Tensor
 OP = "conv_bn_act"

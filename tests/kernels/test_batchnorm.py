@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.kernels import batchnorm as kbn
-from fastres.ops.reference import pack_relu_mask
+from fastres.layout import pack_relu_mask
 
 SHAPES = [(2, 3, 5, 7), (1, 17, 3, 3), (2, 5, 4, 3)]   # numel 210, 153, 120: none a multiple of the block
 LAYOUTS = [torch.channels_last, torch.contiguous_format]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres.backend import interpreter_active
+from fastres.kernels import interpreter_active
 
 pytest.importorskip("triton")
 from fastres.kernels import conv as kconv  # noqa: E402

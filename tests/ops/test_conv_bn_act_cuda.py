@@ -20,13 +20,13 @@ import torch
 import torch.nn as nn
 
 from fastres import _ext, backend
-from fastres._alloc import poisoned
-from fastres.ops.reference import pack_relu_mask, unpack_relu_mask
+from fastres.kernels.alloc import poisoned
+from fastres.layout import pack_relu_mask, unpack_relu_mask
 
 BUILT, WHY = _ext.status()
 pytestmark = pytest.mark.skipif(not BUILT, reason=f"fastres._C is not built: {WHY}")
 if BUILT:
-    from fastres.ops import cuda_impl as ci
+    from fastres.backends import cuda as ci
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -194,14 +194,14 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 sys.modules["fastres._C"] = mod
 assert torch._C._dispatch_has_kernel_for_dispatch_key("fastres::bn_stats", "CUDA")
-import fastres.ops.conv_bn_act, fastres.ops.cuda_impl
+import fastres.ops.conv_bn_act, fastres.backends.cuda
 """
     else:
         code = """
 import torch
 import fastres.ops.conv_bn_act
 assert "fastres._C" not in __import__("sys").modules
-import fastres._C, fastres.ops.cuda_impl
+import fastres._C, fastres.backends.cuda
 """
     code += """
 for name in ("bn_stats", "bn_apply", "bn_backward", "conv_bn_act", "conv_bn_act_backward"):
@@ -636,7 +636,7 @@ def test_conv_bn_act_op_mask_layout(dtype, channels_last, poison):
 
 SANITIZER_SCRIPT = r"""
 import torch
-from fastres.ops import cuda_impl as ci
+from fastres.backends import cuda as ci
 torch.manual_seed(0)
 CL = torch.channels_last
 def z_of(shape, dtype, misalign=False):

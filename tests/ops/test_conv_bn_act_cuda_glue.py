@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastres import _ext, backend
+from fastres.layout import memory_format_of
 from fastres.ops import reference
 
 pytestmark = [
@@ -17,7 +18,7 @@ pytestmark = [
 
 @pytest.fixture
 def cuda_impl(monkeypatch):
-    from fastres.ops import cuda_impl
+    from fastres.backends import cuda as cuda_impl
     from fastres.kernels import batchnorm
 
     for name in ("bn_stats", "bn_apply", "bn_backward"):
@@ -45,12 +46,12 @@ def test_cuda_glue_matches_torch_backend(cuda_impl, channels_last, training, rel
                                        relu, True)
         y, z, mean, invstd, mask = fwd
         torch.manual_seed(1)
-        g = torch.randn(y.shape).contiguous(memory_format=reference.memory_format_of(x))
+        g = torch.randn(y.shape).contiguous(memory_format=memory_format_of(x))
         grads = impl.conv_bn_act_backward(g, x, w, b, z, mask, mean, invstd, gamma, *conv, training, relu,
                                           [True, True, True, True, True, residual])
         outs.append((fwd, grads, rm.clone(), rv.clone()))
     (fa, ga, rma, rva), (fb, gb, rmb, rvb) = outs
-    fmt = reference.memory_format_of(x)
+    fmt = memory_format_of(x)
     for name, a, b_ in zip(["y", "z", "mean", "invstd", "mask"], fa, fb):
         assert a.shape == b_.shape and a.dtype == b_.dtype, name
         if a.dim() == 4:

@@ -136,7 +136,7 @@ def test_uncovered_call_runs_torch_and_is_counted():
 
 
 def test_supports_reasons():
-    from fastres.kernels.conv_bn_act import conv_bn_act_supports
+    from fastres.backends.triton import conv_bn_act_supports
 
     kw = dict(residual=None, stride=[1, 1], padding=[0, 0], dilation=[1, 1], training=True, relu=False)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(3, 4, 1, 1)

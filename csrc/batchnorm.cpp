@@ -2,14 +2,14 @@
 //
 // Each op validates its tensors (device, dtype, channels_last layout, shapes) with errors that name
 // what was expected, allocates its outputs and workspace, and launches the kernels of
-// conv_bn_act_kernels.cu on the current CUDA stream of the input's device. The semantics are in
-// conv_bn_act_kernels.h; the Python side (fake implementations, the "cuda" backend of conv_bn_act)
-// is fastres/ops/cuda_impl.py.
+// batchnorm_kernels.cu on the current CUDA stream of the input's device. The semantics are in
+// batchnorm_kernels.h; the Python side (fake implementations, the "cuda" backend of conv_bn_act)
+// is fastres/backends/cuda.py.
 //
 // Poisoning for tests: while fastres._C._set_poison(True) is in effect, every output and workspace
 // this file allocates is filled with NaN (float) or 0xA5 bytes (uint8) before the kernels run, so an
-// element a kernel fails to write fails the test. fastres/ops/cuda_impl.py switches it on and off to
-// follow fastres._alloc.poisoned().
+// element a kernel fails to write fails the test. fastres/backends/cuda.py switches it on and off to
+// follow fastres.kernels.alloc.poisoned().
 //
 // The module is a plain CPython extension (no pybind11) to keep the compile short.
 #include <Python.h>
@@ -26,7 +26,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "conv_bn_act_kernels.h"
+#include "batchnorm_kernels.h"
 
 namespace fastres {
 namespace {
@@ -299,7 +299,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward(const Tensor& grad_y, con
 // The schemas are shared with the Triton backend's host functions (kernels/batchnorm.py). The fake
 // (meta) implementations live in Python, in the module named here.
 TORCH_LIBRARY(fastres, m) {
-  m.set_python_module("fastres.ops.cuda_impl");
+  m.set_python_module("fastres.backends.cuda");
   m.def("bn_stats(Tensor z, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
         "float eps) -> (Tensor mean, Tensor invstd)");
   m.def("bn_apply(Tensor z, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "

@@ -20,7 +20,7 @@ of y (NCHW for NCHW inputs).
 
 Poisoning: the ops allocate their outputs in C++; the wrappers :func:`bn_stats`, :func:`bn_apply`
 and :func:`bn_backward` tell fastres._C to fill them with NaN / 0xA5 first whenever
-fastres._alloc.poisoned() is active (tests call the ops through these wrappers).
+fastres.kernels.alloc.poisoned() is active (tests call the ops through these wrappers).
 """
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fastres import _alloc, _ext
-from fastres.ops.reference import conv_bn_act_grads, memory_format_of, pack_relu_mask, unpack_relu_mask
+from fastres import _ext
+from fastres.kernels import alloc as _alloc
+from fastres.backends.common import conv_bn_act_grads
+from fastres.layout import memory_format_of, pack_relu_mask, unpack_relu_mask
 
 _C = _ext.module()  # ImportError (with the reason) when fastres._C is not built
 
@@ -71,7 +73,7 @@ def _bn_backward_fake(grad_y, z, mask, mean, invstd, weight, training, relu, nee
 
 
 # ------------------------------------------------------------------------------------------------
-# the ops, honouring fastres._alloc.poisoned()
+# the ops, honouring fastres.kernels.alloc.poisoned()
 # ------------------------------------------------------------------------------------------------
 
 def _sync_poison() -> None:

@@ -1,4 +1,4 @@
-// BatchNorm kernels of fastres._C over NHWC data seen as [M, C] (see conv_bn_act_kernels.h):
+// BatchNorm kernels of fastres._C over NHWC data seen as [M, C] (see batchnorm_kernels.h):
 // statistics (bn_stats), apply (+ residual) (+ ReLU, bit mask) (bn_apply), and backward (bn_backward).
 // CUDA headers only: this file compiles in seconds. All arithmetic is fp32.
 //
@@ -20,7 +20,7 @@
 //   The elementwise pass uses dz = k_g * g + k_z * (z - mean) + k_0 with per-channel coefficients
 //     k_g = gamma * invstd,  k_z = -k_g * invstd * dgamma / n,  k_0 = -k_g * dbeta / n  (training)
 //     k_g = gamma * invstd,  k_z = 0,                           k_0 = 0                 (eval)
-#include "conv_bn_act_kernels.h"
+#include "batchnorm_kernels.h"
 
 #include <atomic>
 #include <cstdint>

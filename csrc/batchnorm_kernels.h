@@ -1,7 +1,7 @@
-// BatchNorm kernels of fastres._C: launchers and their arguments (kernels in conv_bn_act_kernels.cu).
+// BatchNorm kernels of fastres._C: launchers and their arguments (kernels in batchnorm_kernels.cu).
 //
 // Only C++ and CUDA runtime types appear here, so the .cu compiles without torch headers; the host
-// code (conv_bn_act.cpp) validates tensors, allocates, and calls these launchers on the current stream.
+// code (batchnorm.cpp) validates tensors, allocates, and calls these launchers on the current stream.
 //
 // Every data tensor is NHWC (channels_last, dense) and is seen as a row-major [M, C] matrix:
 // M = N*H*W rows, C channels, element (r, c) at memory position i = r*C + c. Data is fp32, fp16 or
@@ -74,7 +74,7 @@ struct ApplyArgs {
 cudaError_t launch_bn_apply(const ApplyArgs& a, cudaStream_t stream);
 
 // bn_backward: sums of g and g * xhat per channel (deterministic, as bn_stats), then dz and dres.
-// The math is written out once, above the kernels in conv_bn_act_kernels.cu.
+// The math is written out once, above the kernels in batchnorm_kernels.cu.
 struct BackwardArgs {
   const void* grad_y;     // in:  [M, C], dtype dt: dL/dy
   const void* z;          // in:  [M, C], dtype dt: the BatchNorm input

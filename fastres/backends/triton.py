@@ -1,6 +1,6 @@
 """The "triton" backend of fastres::conv_bn_act: the Triton conv (kernels/conv.py) + the Triton BatchNorm
 kernels (kernels/batchnorm.py). Same functions, arguments and outputs as fastres/ops/reference.py
-(the math is written out there); fastres/backend.py picks this module when the user asks for "triton".
+(the math is written out there); fastres.backends picks this module when the user asks for "triton".
 
 Forward, training:  z, partials = conv2d_nhwc(x, W, b, want_stats=True)   one launch: conv + tile stats
                     mean, invstd = bn_finalize(partials, running stats)     one launch: merge + running update
@@ -19,7 +19,8 @@ import torch
 
 from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, pack_mask
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
-from fastres.ops.reference import conv_bn_act_grads, memory_format_of
+from fastres.backends.common import conv_bn_act_grads
+from fastres.layout import memory_format_of
 
 Tensor = torch.Tensor
 

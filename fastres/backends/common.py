@@ -1,0 +1,49 @@
+"""What every backend of conv_bn_act shares after its BatchNorm backward: the convolution's backward
+and the outputs in their promised dtypes and memory formats (the contract in fastres/backends/__init__.py).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from fastres.layout import memory_format_of
+
+Tensor = torch.Tensor
+
+__all__ = ["conv_bn_act_grads"]
+
+
+def conv_bn_act_grads(dz: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], sum_gx: Tensor,
+                      sum_g: Tensor, dres: Tensor, bn_weight: Optional[Tensor], stride: List[int],
+                      padding: List[int], dilation: List[int], groups: int, needs: List[bool],
+                      conv_layout: Optional[torch.memory_format] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The end of conv_bn_act's backward, the same for every backend once its BatchNorm backward has
+    produced dz (in x's dtype), sum(g * xhat), sum(g) and dres = g: dx, dW, db by
+    aten.convolution_backward (cuDNN on a GPU), then every output in its promised dtype and memory
+    format, a fresh empty tensor where `needs` is False. `conv_layout` makes x and weight that memory
+    format for the convolution (the outputs still follow x's and weight's own)."""
+    need_dx, need_dw, need_db, need_dg, need_dbeta, need_dres = needs
+
+    def empty() -> Tensor:  # a fresh one per output: custom-op outputs may not alias each other
+        return x.new_empty(0)
+
+    dx, dw, db = empty(), empty(), empty()
+    if need_dx or need_dw or need_db:
+        xc, wc = (x, weight) if conv_layout is None else (x.contiguous(memory_format=conv_layout),
+                                                          weight.contiguous(memory_format=conv_layout))
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            dz, xc, wc, [weight.shape[0]] if bias is not None else None,
+            stride, padding, dilation, False, [0, 0], groups, [need_dx, need_dw, need_db])
+        if need_dx:
+            dx = gx.contiguous(memory_format=memory_format_of(x))
+        if need_dw:
+            dw = gw.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
+        if need_db:
+            db = gb.to(bias.dtype)
+    pdtype = bn_weight.dtype if bn_weight is not None else sum_g.dtype
+    dgamma = sum_gx.to(pdtype) if need_dg else empty()
+    dbeta = sum_g.to(pdtype) if need_dbeta else empty()
+    dres = dres.contiguous(memory_format=memory_format_of(x)) if need_dres else empty()
+    return dx, dw, db, dgamma, dbeta, dres
