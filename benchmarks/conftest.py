@@ -1,30 +1,37 @@
 """pytest-benchmark setup for `pytest benchmarks/ --benchmark-only`.
 
-The cases live in fastres/bench.py (shared with `python -m fastres.bench`); the environment chooses
-the setup (fastres.bench.setup_from_env): FASTRES_BENCH_DEVICE, FASTRES_BENCH_QUICK=1,
-FASTRES_BENCH_COMPILE=all|some|none, FASTRES_BENCH_PROVIDERS. Unlike tests/, nothing here turns on the
-Triton interpreter: its timings are meaningless, so on a CPU fastres runs its torch backend.
+The rows live in fastres (fastres/bench_cases.py, shared with `python -m fastres.bench`); the environment
+chooses the setup (fastres.bench_config.setup_from_env): FASTRES_BENCH_DEVICE, FASTRES_BENCH_QUICK=1 (also
+on when CI=true), FASTRES_BENCH_COMPILE=all|some|none, FASTRES_BENCH_PROVIDERS, FASTRES_BENCH_ONLY,
+FASTRES_BENCH_ROUNDS, FASTRES_BENCH_OP_SHAPES=1. Unlike tests/, nothing here turns on the Triton interpreter:
+its timings are meaningless, so on a CPU fastres runs its torch backend.
 
-Timing: benchmark.pedantic after warm-up rounds, with fastres.bench.sync_timer as pytest-benchmark's
-timer (it waits for the GPU before reading the clock); on a GPU each round runs enough iterations to
-last about a millisecond, and op cases also record triton.testing.do_bench's median (CUDA events).
-Every result carries the device, torch/triton versions and date (extra_info and the JSON's
-machine_info), its provider, rates (GB/s, TFLOP/s, images/s) and peak GPU memory.
+Every test is one row: a contender (fastres) and its baseline (plain PyTorch), same weights and inputs,
+timed alternately in the same test (fastres/bench_timing.py): pytest-benchmark times the contender's
+rounds (benchmark.pedantic), and its setup / teardown hooks time a baseline round just before the even
+rounds and just after the odd ones (B C C B B C ...). A round is `iterations` calls (chosen so that the
+faster provider's round lasts about a millisecond), so pytest-benchmark's own stats are per round: the
+per-call figures are in extra_info (median_s, baseline_median_s, ratio = baseline / contender median,
+above 1 when fastres is faster, ratio_paired), with the environment (device, CPU model, cores, versions,
+git commit, CPU capability, date), the provider, the rates (GB/s, TFLOP/s, images/s) and peak GPU memory.
 """
 import pytest
 import torch
 
-from fastres import bench
+from fastres import bench_timing
+from fastres.bench_config import setup_from_env
+from fastres.environment import environment
 
-SETUP = bench.setup_from_env()
+SETUP = setup_from_env()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     from pytest_benchmark.utils import parse_timer
 
-    if getattr(config.option, "benchmark_timer", None) is not None and "perf_counter" in str(config.option.benchmark_timer):
-        config.option.benchmark_timer = parse_timer("fastres.bench.sync_timer")
+    timer = getattr(config.option, "benchmark_timer", None)
+    if timer is not None and "perf_counter" in str(timer):
+        config.option.benchmark_timer = parse_timer("fastres.bench_timing.sync_timer")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,8 +44,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["fastres"] = dict(bench.environment(SETUP.device), providers=SETUP.providers,
-                                   autocast=str(SETUP.autocast), channels_last=SETUP.channels_last)
+    machine_info["fastres"] = dict(environment(SETUP.device), quick=SETUP.quick, compile=SETUP.compile,
+                                   pairs=[list(p) for p in SETUP.pairs], autocast=str(SETUP.autocast),
+                                   rounds=SETUP.rounds, warmup=SETUP.warmup)
 
 
 @pytest.fixture(scope="session")
@@ -46,38 +54,55 @@ def setup():
     return SETUP
 
 
+@pytest.fixture(scope="session")
+def env(setup):
+    return environment(setup.device)
+
+
 @pytest.fixture
-def run_case(benchmark, setup):
-    """run_case(case): time the case for its provider and record what the result needs."""
+def run_case(benchmark, setup, env):
+    """run_case(case): time the row's contender against its baseline, alternately; record what a result needs."""
     def run(case):
         why = case.skip_reason(setup)
         if why is not None:
             pytest.skip(why)
         try:
-            fn = case.make()
+            contender, baseline = case.make_pair()
         except LookupError as e:
             pytest.skip(str(e))
-        for _ in range(setup.warmup):
-            fn()
-        iterations = 1
-        if setup.gpu:
-            t0 = bench.sync_timer()
-            fn()
-            iterations = max(1, min(100, int(1e-3 / max(bench.sync_timer() - t0, 1e-6))))
+        iterations = bench_timing.warm_up((contender, baseline), setup)
+        base_times, rounds_done = [], [0]
+
+        def before():
+            if rounds_done[0] % 2 == 0:
+                base_times.append(bench_timing.timed_round(baseline, iterations))
+
+        def after():
+            if rounds_done[0] % 2 == 1:
+                base_times.append(bench_timing.timed_round(baseline, iterations))
+            rounds_done[0] += 1
+
+        def target():
+            for _ in range(iterations):
+                contender()
+
         benchmark.group = f"{case.level}: {case.name}"
-        benchmark.pedantic(fn, rounds=setup.reps, warmup_rounds=1, iterations=iterations)
+        benchmark.pedantic(target, setup=before, teardown=after, rounds=bench_timing.rounds_for(setup, iterations),
+                           iterations=1)
         info = benchmark.extra_info
-        info.update(bench.environment(setup.device), provider=case.provider, case=case.name, level=case.level,
-                    autocast=str(setup.autocast), channels_last=setup.channels_last)
-        if benchmark.stats is not None:  # None under --benchmark-disable
-            med = benchmark.stats.stats.median
-            info.update(median_s=med, **case.rates(med))
-        info["peak_mem_mib"] = bench.peak_memory(fn, setup)
+        info.update(env, provider=case.provider, baseline=case.baseline, case=case.name, level=case.level,
+                    autocast=str(setup.autocast), iterations=iterations, quick=setup.quick)
+        if benchmark.stats is not None and base_times:  # None under --benchmark-disable
+            times = [t / iterations for t in benchmark.stats.stats.data]
+            fig = bench_timing.summary(times, base_times)
+            info.update(fig, baseline_times_s=base_times, **case.rates(fig["median_s"]))
+        info["peak_mem_mib"] = bench_timing.peak_memory(contender, setup)
         if setup.gpu and case.level == "ops":
             try:
                 import triton.testing
 
-                info["do_bench_ms"] = triton.testing.do_bench(fn, return_mode="median")
+                info["do_bench_ms"] = triton.testing.do_bench(contender, return_mode="median")
+                info["baseline_do_bench_ms"] = triton.testing.do_bench(baseline, return_mode="median")
             except ImportError:
                 pass
     return run

@@ -1,9 +1,12 @@
-"""Write summary.md for a results folder: ResNet-50 / ResNet-18 images/s per provider with ratios, the
-op and block medians, and the parity and test outcomes found there.
+"""Write summary.md for a results folder: one table per level (models, blocks, ops), one line per row with
+each comparison's two medians and its ratio, and the parity and test outcomes found there.
 
-    python benchmarks/summarize.py benchmarks/results/<date>-<gpu>
+    python benchmarks/summarize.py benchmarks/results/<date>-<device>
 
-Reads every pytest-benchmark JSON (*.json with a "benchmarks" list) and parity-*.json in the folder.
+Reads every pytest-benchmark JSON (*.json with a "benchmarks" list), every ``python -m fastres.bench`` JSON
+(*.json with a "results" list) and parity-*.json in the folder. A comparison is (contender, baseline), timed
+alternately in one run; ratio = baseline median / contender median (fastres' speed over the baseline's,
+above 1 when fastres is faster).
 """
 import glob
 import json
@@ -11,84 +14,117 @@ import os
 import sys
 from collections import defaultdict
 
+LEVELS = (("models", "Models"), ("blocks", "Blocks"), ("ops", "Ops"))
 
-def load_benchmarks(folder):
-    rows, machine = [], None
+
+def _load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_rows(folder):
+    """(rows, environment): one row per timed comparison, median_s / baseline_median_s per call."""
+    rows, env = [], None
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        try:
-            data = json.load(open(path))
-        except (OSError, ValueError):
+        data = _load(path)
+        if not isinstance(data, dict):
             continue
-        if not isinstance(data, dict) or "benchmarks" not in data:
-            continue
-        machine = machine or data.get("machine_info", {}).get("fastres")
-        for b in data["benchmarks"]:
-            info = b.get("extra_info", {})
-            if "case" in info:
-                rows.append(dict(info, median_s=b["stats"]["median"]))
-    return rows, machine
+        if "benchmarks" in data:  # pytest-benchmark
+            env = env or data.get("machine_info", {}).get("fastres")
+            for b in data["benchmarks"]:
+                info = b.get("extra_info", {})
+                if "case" in info and "median_s" in info:
+                    rows.append(dict(info, source=os.path.basename(path)))
+        elif "results" in data:  # python -m fastres.bench --json
+            env = env or data.get("environment")
+            for r in data["results"]:
+                if "median_ms" in r:
+                    rows.append(dict(r, median_s=r["median_ms"] / 1e3, baseline_median_s=r["baseline_median_ms"] / 1e3,
+                                     source=os.path.basename(path)))
+    return rows, env
 
 
-def rate_table(rows, level, unit, title):
+def _ms(seconds):
+    return f"{seconds * 1e3:.4g}"
+
+
+def level_table(rows, level, title):
     by_case = defaultdict(dict)
-    providers = []
+    pairs = []
     for r in rows:
-        if r["level"] != level or unit not in r:
+        if r.get("level") != level:
             continue
-        by_case[r["case"]][r["provider"]] = r
-        if r["provider"] not in providers:
-            providers.append(r["provider"])
+        pair = (r["provider"], r.get("baseline", "eager"))
+        by_case[r["case"]][pair] = r
+        if pair not in pairs:
+            pairs.append(pair)
     if not by_case:
         return []
-    fused = [p for p in providers if p.startswith("fastres-")]
-    head = ["case"] + [f"{p} {unit}" for p in providers] + [f"{p} / {b}" for p in fused for b in ("eager", "compile")
-                                                              if b in providers]
+    head = ["case"]
+    for c, b in pairs:
+        head += [f"{b} ms", f"{c} ms", f"{c} / {b}"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, got in by_case.items():
-        cells = [case] + [f"{got[p][unit]:.4g}" if p in got else "-" for p in providers]
-        for p in fused:
-            for b in ("eager", "compile"):
-                if b in providers:
-                    ok = p in got and b in got
-                    cells.append(f"{got[p][unit] / got[b][unit]:.2f}x" if ok else "-")
+        cells = [case]
+        for pair in pairs:
+            r = got.get(pair)
+            cells += ([_ms(r["baseline_median_s"]), _ms(r["median_s"]), f"**{r['ratio']:.2f}x**"] if r
+                      else ["-", "-", "-"])
         lines.append("| " + " | ".join(cells) + " |")
-    if level == "models":
-        mem = [f"{c} {p}: {r['peak_mem_mib']:.0f} MiB" for c, got in by_case.items() for p, r in got.items()
-               if "train" in c and r.get("peak_mem_mib")]
-        if mem:
-            lines += ["", "Peak memory, training step: " + "; ".join(mem)]
+    lines.append("")
+    lines.append("Times: median ms per call (models and blocks: one training step or one inference call).")
+    mem = [f"{c} {p[0]}: {r['peak_mem_mib']:.0f} MiB" for c, got in by_case.items() for p, r in got.items()
+           if r.get("peak_mem_mib")]
+    if mem:
+        lines += ["", "Peak GPU memory of one call: " + "; ".join(mem)]
     return lines + [""]
 
 
 def parity_lines(folder):
     lines = []
     for path in sorted(glob.glob(os.path.join(folder, "parity-*.json"))):
-        r = json.load(open(path))
+        r = _load(path)
+        if not r:
+            continue
         c = r["config"]
         worst = max(r["checks"], key=lambda k: k["fused_err"] / max(k["limit"], 1e-300))
-        lines.append(f"| {c['arch']} | {c['dtype']} | {c['backend']} | {c['steps']} | {c['batch_size']}x{c['image_size']} "
-                     f"| {'pass' if r['passed'] else 'FAIL'} | {worst['name']}: {worst['fused_err']:.2e} "
-                     f"(limit {worst['limit']:.2e}) | {r.get('saturated', 0)} |")
+        lines.append(f"| {c['arch']} | {c['dtype']} | {c['backend']} | {c['steps']} | "
+                     f"{c['batch_size']}x{c['image_size']} | {'pass' if r['passed'] else 'FAIL'} | "
+                     f"{worst['name']}: {worst['fused_err']:.2e} (limit {worst['limit']:.2e}) | "
+                     f"{r.get('saturated', 0)} |")
     if not lines:
         return []
-    return ["### Training parity", "", "| arch | dtype | backend | steps | batch | result | closest check | saturated |",
-            "|---|---|---|---|---|---|---|---|"] + lines + [""]
+    head = "| arch | dtype | backend | steps | batch | result | closest check | saturated |"
+    return ["### Training parity", "", head, "|---|---|---|---|---|---|---|---|"] + lines + [""]
+
+
+def header(env):
+    if not env:
+        return []
+    g = env.get
+    device = f"{g('device')} ({g('device_type')}, {g('cores_usable', g('cores'))} cores usable"
+    device += f", {g('torch_threads')} torch threads" if g("torch_threads") else ""
+    device += f", CPU capability {g('cpu_capability')}" if g("device_type") == "cpu" else f", CUDA {g('cuda')}"
+    mode = "; quick mode (figures not for the record)" if g("quick") else ""
+    return [f"Device: {device}). Python {g('python')}, torch {g('torch')}, triton {g('triton')}, torchvision "
+            f"{g('torchvision')}, fastres {g('fastres')} (commit {g('git_commit') or 'unknown'}); autocast "
+            f"{g('autocast', 'n/a')}{mode}; {g('date')}.", "",
+            "Each row times a contender and its baseline alternately in one run, same weights and inputs; "
+            "`a / b` = b's median / a's median (above 1: fastres faster).", ""]
 
 
 def main(folder):
-    rows, machine = load_benchmarks(folder)
-    out = [f"# fastres results: {os.path.basename(os.path.abspath(folder))}", ""]
-    if machine:
-        out += [f"Device: {machine.get('device')}; torch {machine.get('torch')}, triton {machine.get('triton')}, "
-                f"CUDA {machine.get('cuda')}; autocast {machine.get('autocast')}, channels_last "
-                f"{machine.get('channels_last')}; {machine.get('date')}.", ""]
-    out += rate_table(rows, "models", "images/s", "Models (images/s, higher is better)")
-    out += rate_table(rows, "blocks", "images/s", "Blocks (images/s)")
-    out += rate_table(rows, "ops", "TFLOP/s", "Ops: conv cases (TFLOP/s)")
-    out += rate_table(rows, "ops", "GB/s", "Ops: minimum bytes over time (GB/s)")
+    rows, env = load_rows(folder)
+    out = [f"# fastres results: {os.path.basename(os.path.abspath(folder))}", ""] + header(env)
+    for level, title in LEVELS:
+        out += level_table(rows, level, title)
     out += parity_lines(folder)
     for log in sorted(glob.glob(os.path.join(folder, "*.log"))):
-        tail = open(log, errors="replace").read().strip().splitlines()[-1:] or [""]
+        with open(log, errors="replace") as f:
+            tail = f.read().strip().splitlines()[-1:] or [""]
         out.append(f"- `{os.path.basename(log)}`: {tail[0][:200]}")
     text = "\n".join(out) + "\n"
     with open(os.path.join(folder, "summary.md"), "w") as f:

@@ -1,9 +1,11 @@
-"""Block level: Bottleneck (ResNet-50) and BasicBlock (ResNet-18), training step and inference."""
+"""Block level: Bottleneck (ResNet-50) and BasicBlock (ResNet-18), training step and inference; fastres vs
+plain PyTorch with the same weights (and both under torch.compile for a representative block)."""
 import pytest
 
-from fastres import bench
+from fastres.bench_cases import cases
+from fastres.bench_config import setup_from_env
 
-CASES = [pytest.param(c, id=c.id) for c in bench.cases(bench.setup_from_env(), "blocks")]
+CASES = [pytest.param(c, id=c.id) for c in cases(setup_from_env(), "blocks")]
 
 
 @pytest.mark.parametrize("case", CASES)

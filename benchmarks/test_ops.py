@@ -1,10 +1,13 @@
-"""Op level: every distinct ResNet-50 conv shape; conv + BN (+ add) (+ ReLU) training forward, forward +
-backward, inference with BN folded; and BN + add + ReLU alone (memory-bound: GB/s)."""
+"""Op level: the per-op host overhead (one conv3x3 + BN + ReLU on a 2x8x4x4 tensor, FusedConvBNReLU2d vs
+nn.Conv2d + nn.BatchNorm2d + nn.ReLU; forward, inference, forward + backward), and on a GPU (or with
+FASTRES_BENCH_OP_SHAPES=1) every distinct ResNet-50 conv shape: conv + BN (+ add) (+ ReLU) training forward,
+forward + backward, inference with BN folded, and BN + add + ReLU alone (memory-bound: GB/s)."""
 import pytest
 
-from fastres import bench
+from fastres.bench_cases import cases
+from fastres.bench_config import setup_from_env
 
-CASES = [pytest.param(c, id=c.id) for c in bench.cases(bench.setup_from_env(), "ops")]
+CASES = [pytest.param(c, id=c.id) for c in cases(setup_from_env(), "ops")]
 
 
 @pytest.mark.parametrize("case", CASES)

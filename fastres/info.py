@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from typing import Dict, List
 
@@ -11,6 +10,7 @@ import torch
 
 import fastres
 from fastres import backend
+from fastres.environment import environment
 
 # What each backend's kernels cover; the rest of a call's cases run on torch (logged and counted).
 COVERAGE = {
@@ -22,16 +22,12 @@ COVERAGE = {
 
 
 def collect() -> Dict[str, object]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as e:  # not installed, or broken
-        triton_version = f"not importable ({type(e).__name__})"
+    env = environment("cpu")
     devices: List[str] = ["cpu"]
     if torch.cuda.is_available():
-        devices += [f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                    for i in range(torch.cuda.device_count())]
+        for i in range(torch.cuda.device_count()):
+            sm = "".join(map(str, torch.cuda.get_device_capability(i)))
+            devices.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{sm})")
     ext_ok, ext_why = backend.available("cuda")
     backends = {}
     for name in ("torch", "triton", "cuda"):
@@ -45,11 +41,16 @@ def collect() -> Dict[str, object]:
             per_device[dev] = f"error: {e}"
     return {
         "fastres": fastres.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
+        "git commit": env["git_commit"] or "none (not a git checkout)",
+        "python": env["python"],
+        "torch": env["torch"],
+        "triton": env["triton"] or "not importable",
+        "torchvision": env["torchvision"] or "not installed",
         "cuda (torch build)": torch.version.cuda or "none (CPU build)",
         "extension fastres._C": "built" if ext_ok else f"not built: {ext_why}",
+        "cpu": f"{env['cpu']} ({env['cores_usable']} cores usable, {env['torch_threads']} torch threads)",
+        "cpu capability": f"{env['cpu_capability']}" + (f" (ATEN_CPU_CAPABILITY={env['aten_cpu_capability_env']})"
+                                                         if env["aten_cpu_capability_env"] else ""),
         "devices": devices,
         "triton interpreter": backend.interpreter_active(),
         "requested backend": backend.get_backend(),
@@ -60,8 +61,8 @@ def collect() -> Dict[str, object]:
 
 def render(info: Dict[str, object]) -> str:
     lines = []
-    for key in ("fastres", "python", "torch", "triton", "cuda (torch build)", "extension fastres._C",
-                "triton interpreter", "requested backend"):
+    for key in ("fastres", "git commit", "python", "torch", "triton", "torchvision", "cuda (torch build)",
+                "extension fastres._C", "cpu", "cpu capability", "triton interpreter", "requested backend"):
         lines.append(f"{key:24} {info[key]}")
     lines.append(f"{'devices':24} " + "; ".join(info["devices"]))
     lines.append("")

@@ -38,17 +38,17 @@ none is.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fastres.environment import environment, summary_line
 
 Tensor = torch.Tensor
 
@@ -299,19 +299,6 @@ def run(arch: str = "resnet20", steps: int = 10, batch_size: int = 8, image_size
     return result
 
 
-def environment(device: torch.device) -> dict:
-    """Where a result was measured: device name, library versions, date."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return dict(device=name, device_type=device.type, torch=torch.__version__, triton=triton_version,
-                cuda=torch.version.cuda, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-
 def report(result: dict) -> str:
     """A human-readable summary: the worst checks first."""
     cfg = result["config"]
@@ -319,6 +306,7 @@ def report(result: dict) -> str:
              f"steps={cfg['steps']} batch={cfg['batch_size']} image={cfg['image_size']}: "
              f"{'PASSED' if result['passed'] else 'FAILED'}",
              f"  fastres calls: {result['calls']}",
+             f"  on {summary_line(result['environment'])}" if "environment" in result else "  on ?",
              f"  {'check':<40} {'fused err':>11} {'ref err':>11} {'limit':>11}  ratio"]
     worst = sorted(result["checks"], key=lambda c: -c["fused_err"] / max(c["limit"], 1e-300))
     for c in worst[:12]:

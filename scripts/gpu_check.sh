@@ -17,6 +17,8 @@
 # Suggested order for a 30-minute budget: "build tests", "parity", "bench-models summary",
 # "bench-ops summary", "bench-blocks summary".
 #
+# Every benchmark row times fastres and its baseline (eager, compile) alternately in one test and records
+# both medians and their ratio (fastres/bench_timing.py).
 # Results go to benchmarks/results/<date>-<gpu>/ (RESULTS_DIR overrides): raw pytest-benchmark JSON,
 # parity JSON, one log per stage, summary.md. When $OUT is set (the device runner's output folder)
 # the results folder is copied there after every stage.
@@ -59,6 +61,7 @@ env_info() {
         $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
         $PY -c "import triton; print('triton', triton.__version__)" 2>&1
         $PY -c "import fastres.backend as b; [print(n, b.available(n)) for n in ('triton', 'cuda')]" 2>&1
+        $PY -m fastres.environment 2>&1  # the description every benchmark / parity JSON carries
         git rev-parse HEAD 2>/dev/null
     } > "$RESULTS/environment.txt"
 }
@@ -106,7 +109,7 @@ stage() {
     esac
 }
 
-[ $# -eq 0 ] && { sed -n '2,24p' "$0"; exit 2; }
+[ $# -eq 0 ] && { sed -n '2,26p' "$0"; exit 2; }
 say "results in $RESULTS"
 for s in "$@"; do stage "$s"; done
 exit $STATUS

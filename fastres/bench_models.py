@@ -1,0 +1,117 @@
+"""Block- and model-level benchmark cases: one training step (forward, loss, backward, SGD step) or one
+inference call (eval mode, no_grad) of a whole model or of one residual block.
+
+fastres' models (FusedResNet18/50, resnet20) get the plain-PyTorch model's weights copied in with a strict
+load_state_dict, so that both providers of a comparison run the same math on the same inputs:
+torchvision's ResNet-18 / ResNet-50, and for ResNet-20 (which torchvision lacks) the plain-PyTorch CIFAR
+twin fastres.parity.CifarReference.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastres.bench_config import Setup, compiled, copy_weights, is_compiled, is_fastres, memory_format, provider_context
+
+Tensor = torch.Tensor
+
+BLOCKS = {  # name -> (arch, layer path, input channels, input size divisor of the image)
+    "bottleneck-layer1.0": ("resnet50", "layer1.0", 64, 4),
+    "bottleneck-layer3.1": ("resnet50", "layer3.1", 1024, 16),
+    "basic-layer1.0": ("resnet18", "layer1.0", 64, 4),
+    "basic-layer2.0": ("resnet18", "layer2.0", 64, 4),
+}
+FUSED_NAMES = {"resnet18": "FusedResNet18", "resnet34": "FusedResNet34", "resnet50": "FusedResNet50",
+               "resnet101": "FusedResNet101", "resnet152": "FusedResNet152"}
+CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+
+
+def num_classes(arch: str) -> int:
+    return 10 if arch in CIFAR_DEPTHS else 1000
+
+
+def build_model(arch: str, provider: str, seed: int = 0) -> nn.Module:
+    """The plain-PyTorch model (eager, compile providers) or fastres' (fastres-*), with the same weights."""
+    torch.manual_seed(seed)
+    if arch in CIFAR_DEPTHS:
+        from fastres.models import cifar
+        from fastres.parity import CifarReference
+
+        ref: nn.Module = CifarReference(CIFAR_DEPTHS[arch], num_classes(arch), "A")
+        make_fused = getattr(cifar, arch)
+    elif arch in FUSED_NAMES:
+        import torchvision
+
+        from fastres.models import resnet
+
+        ref = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes(arch))
+        make_fused = getattr(resnet, FUSED_NAMES[arch])
+    else:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join([*FUSED_NAMES, *CIFAR_DEPTHS])}")
+    if not is_fastres(provider):
+        return ref
+    return copy_weights(make_fused(num_classes=num_classes(arch)), ref)
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+class Step:
+    """One training step of `module` (forward, loss, backward, SGD step) or one inference call."""
+
+    def __init__(self, module: nn.Module, x: Tensor, target: Optional[Tensor], setup: Setup, provider: str,
+                 mode: str, fmt: str):
+        if mode not in ("train", "infer"):
+            raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+        self.setup, self.provider, self.mode = setup, provider, mode
+        mf = memory_format(fmt)
+        self.module = module.to(setup.device, memory_format=mf).train(mode == "train")
+        self.fwd = compiled(self.module) if is_compiled(provider) else self.module
+        self.x = x.to(setup.device).contiguous(memory_format=mf)
+        self.target = None if target is None else target.to(setup.device)
+        self.opt = (torch.optim.SGD(self.module.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+                    if mode == "train" else None)
+
+    def __call__(self):
+        if self.mode != "train":
+            with torch.no_grad(), provider_context(self.setup, self.provider):
+                return self.fwd(self.x)
+        self.opt.zero_grad(set_to_none=True)
+        with provider_context(self.setup, self.provider):
+            out = self.fwd(self.x)
+        if self.target is None:  # a block: a loss that touches every output element
+            loss = out.float().square().mean()
+        else:
+            loss = F.cross_entropy(out.float(), self.target)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+
+def make_block(name: str, mode: str, provider: str, setup: Setup, fmt: Optional[str] = None, seed: int = 0) -> Step:
+    arch, path, cin, div = BLOCKS[name]
+    block = copy.deepcopy(_submodule(build_model(arch, provider, seed=seed), path))
+    g = torch.Generator().manual_seed(seed)
+    hw = setup.block_image // div
+    x = torch.randn(setup.block_batch, cin, hw, hw, generator=g)
+    if setup.autocast is not None:  # inside a network a block's input is the previous block's output
+        x = x.to(setup.autocast)
+    return Step(block, x, None, setup, provider, mode, fmt or setup.block_formats[0])
+
+
+def make_model(arch: str, mode: str, batch: int, provider: str, setup: Setup, image: Optional[int] = None,
+               fmt: Optional[str] = None, seed: int = 0) -> Step:
+    spec = setup.model(arch)
+    image = image or (spec.image if spec else 224)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image, image, generator=g)
+    target = torch.randint(0, num_classes(arch), (batch,), generator=g)
+    return Step(build_model(arch, provider, seed=seed), x, target, setup, provider, mode,
+                fmt or (spec.formats[0] if spec else "nchw"))
