@@ -2,7 +2,8 @@
 torch are present. Environment:
   FASTRES_BUILD_CUDA  unset: build when possible, otherwise install without it (and say why);
                       1: build or fail; 0: skip.
-  FASTRES_CUDA_ARCHS  compute capabilities to compile for, default "80;90".
+  FASTRES_CUDA_ARCHS  compute capabilities to compile SASS for, default "80;90" ("90a" for sm_90a);
+                      PTX is added for the newest plain one, so newer GPUs JIT-load the extension.
   MAX_JOBS            parallel compile jobs (torch's ninja build honours it).
   CUDA_HOME           the CUDA toolkit; when unset, found from nvcc (following a wrapper script).
 Install with --no-build-isolation so the build sees the installed torch.
@@ -77,8 +78,12 @@ def cuda_extension():
     parts = [re.fullmatch(r"(\d+)(\d)(a?)", a) for a in arch_list]
     if not parts or not all(parts):
         sys.exit(f"fastres setup: FASTRES_CUDA_ARCHS must look like '80;90', got {archs!r}")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{m[1]}.{m[2]}{m[3]}" for m in parts)
-    say(f"compute capabilities {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    # SASS for every listed architecture, and PTX for the newest plain (not "a") one, which the driver
+    # JIT-compiles on GPUs newer than any listed. Given -gencode flags, torch adds none of its own.
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arch_list]
+    ptx = max((a for a in arch_list if not a.endswith("a")), key=int, default=None)
+    gencode += [f"-gencode=arch=compute_{ptx},code=compute_{ptx}"] if ptx else []
+    say(f"compute capabilities {', '.join(arch_list)} (SASS), PTX for {ptx or 'none'}")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -94,9 +99,10 @@ def cuda_extension():
     ext = CUDAExtension(
         "fastres._C", sources, include_dirs=include_dirs,
         # C++20 for the host code: torch's headers (2.14) need it. The .cu files include no torch
-        # header, so they stay on nvcc's C++17.
+        # header, so they stay on nvcc's C++17. No --use_fast_math: it makes the Welford divisions
+        # approximate and flushes denormals; the kernels use fmaf and rsqrtf where they want them.
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]})
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo", *gencode]})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

@@ -2,8 +2,8 @@
 //
 // Each op validates its tensors (device, dtype, channels_last layout, shapes) with errors that name
 // what was expected, allocates its outputs and workspace, and launches the kernels of
-// batchnorm_kernels.cu on the current CUDA stream of the input's device. The semantics are in
-// batchnorm_kernels.h; the Python side (fake implementations, the "cuda" backend of conv_bn_act)
+// batchnorm_{stats,apply,backward}.cu on the current CUDA stream of the input's device. The semantics
+// are in batchnorm_kernels.h; the Python side (fake implementations, the "cuda" backend of conv_bn_act)
 // is fastres/backends/cuda.py.
 //
 // Poisoning for tests: while fastres._C._set_poison(True) is in effect, every output and workspace
@@ -17,7 +17,10 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <tuple>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -138,11 +141,38 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "fastres::", op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// The grid counters of the reductions (bn_stats, bn_backward): at least n zeroed int32 on ref's device,
+// for launches on the current stream. The kernels leave every counter zero (the last block of each
+// channel column resets its own: grid_reduce in batchnorm_common.cuh), so one buffer per device and
+// stream, zeroed once when allocated and grown to the largest grid seen, serves every launch on that
+// stream (they run one after the other) without a memset per call. Launches being captured into a
+// CUDA graph get a fresh zeroed buffer instead, owned by the graph, whose zeroing is a node of the
+// graph: the cache must never hold memory whose zeroing was only recorded, not run. The cache is
+// never freed (it would outlive the CUDA context at exit); it holds a few KB per stream.
+Tensor grid_counters(int64_t n, const Tensor& ref) {
+  const auto opts = ref.options().dtype(at::kInt);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(ref.device().index());
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(stream.stream(), &capture);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // not left behind for the launch checks of a later op
+    TORCH_CHECK(false, "fastres: cudaStreamIsCapturing failed: ", cudaGetErrorString(err));
+  }
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, opts);
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::pair<int, int64_t>, Tensor>();
+  std::lock_guard<std::mutex> lock(mutex);
+  Tensor& counters = (*cache)[{static_cast<int>(ref.device().index()), static_cast<int64_t>(stream.id())}];
+  // Replacing a smaller buffer is safe: the caching allocator hands its memory to later work of the
+  // same stream only, which runs after the launches that used it.
+  if (!counters.defined() || counters.numel() < n) counters = at::zeros({n}, opts);
+  return counters;
+}
+
 // Staging buffer (poisonable) and zeroed counters for a reduction plan.
 std::pair<Tensor, Tensor> workspace(const ReducePlan& plan, const Tensor& ref) {
   Tensor staging = new_tensor({plan.staging_floats}, ref.options().dtype(at::kFloat));
-  Tensor counters = at::zeros({plan.counters}, ref.options().dtype(at::kInt));
-  return {staging, counters};
+  return {staging, grid_counters(plan.counters, ref)};
 }
 
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& z, const OptTensor& running_mean,

@@ -1,4 +1,6 @@
-// BatchNorm kernels of fastres._C: launchers and their arguments (kernels in batchnorm_kernels.cu).
+// BatchNorm kernels of fastres._C: launchers and their arguments. The kernels: batchnorm_stats.cu,
+// batchnorm_apply.cu, batchnorm_backward.cu (shared device code in batchnorm_common.cuh, launch
+// configuration in batchnorm_plan.cu).
 //
 // Only C++ and CUDA runtime types appear here, so the .cu compiles without torch headers; the host
 // code (batchnorm.cpp) validates tensors, allocates, and calls these launchers on the current stream.
@@ -28,7 +30,8 @@ struct ReducePlan {
   int bx, by;              // block shape, bx * by == 256, both powers of two
   int gx, gy;              // grid shape; gy <= ceil(M / by), so every block has rows
   int64_t staging_floats;  // fp32 workspace the launch needs: 2 * gy * C partials + gx * gy counts
-  int counters;            // int32 counters the launch needs (gx), zero before the launch
+  int counters;            // int32 counters the launch needs (gx), zero before the launch; the last
+                           // block of each column resets its counter, so they are zero after it too
 };
 
 // The plan for M rows of C channels of dtype dt (M >= 1, C >= 1) on the current device.
@@ -74,7 +77,8 @@ struct ApplyArgs {
 cudaError_t launch_bn_apply(const ApplyArgs& a, cudaStream_t stream);
 
 // bn_backward: sums of g and g * xhat per channel (deterministic, as bn_stats), then dz and dres.
-// The math is written out once, above the kernels in batchnorm_kernels.cu.
+// The math is derived once, in fastres/ops/reference.py; which kernel computes which sum: the top of
+// batchnorm_backward.cu.
 struct BackwardArgs {
   const void* grad_y;     // in:  [M, C], dtype dt: dL/dy
   const void* z;          // in:  [M, C], dtype dt: the BatchNorm input

@@ -14,6 +14,7 @@ from typing import Tuple
 def _load() -> Tuple[object, str]:
     try:
         import torch  # noqa: F401  (the extension links against torch's libraries)
+
         from fastres import _C  # type: ignore[attr-defined]
     except ImportError as e:
         msg = str(e)

@@ -8,8 +8,9 @@ built), which registers three ops over NHWC (channels_last) CUDA tensors:
 * ``fastres::bn_backward(grad_y, z, mask, mean, invstd, weight?, training, relu, need_dres)
   -> (dz, dgamma, dbeta, dres)``
 
-(semantics in csrc/conv_bn_act_kernels.h, the backward math in csrc/conv_bn_act_kernels.cu), and
-registers their fake implementations here, so torch.compile and opcheck see through them.
+(semantics in csrc/batchnorm_kernels.h, kernels in csrc/batchnorm_{stats,apply,backward}.cu, the
+backward math in fastres/ops/reference.py), and registers their fake implementations here, so
+torch.compile and opcheck see through them.
 
 The backend functions have the signatures and output conventions of fastres/ops/reference.py. The
 forward runs the convolution with aten.convolution in channels_last, then bn_stats + bn_apply
@@ -29,8 +30,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from fastres import _ext
-from fastres.kernels import alloc as _alloc
 from fastres.backends.common import conv_bn_act_grads
+from fastres.kernels import alloc as _alloc
 from fastres.layout import memory_format_of, pack_relu_mask, unpack_relu_mask
 
 _C = _ext.module()  # ImportError (with the reason) when fastres._C is not built

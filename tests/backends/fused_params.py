@@ -1,0 +1,38 @@
+"""The fused backends the tests under tests/backends/ run on, with the skip each one needs.
+
+* triton: CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py on a
+  machine without a GPU: tiny shapes, fp32 and fp16 only, the interpreter has no bf16), or a GPU.
+* cuda: fastres._C built and a GPU (marked ``gpu``: tests/conftest.py skips it, with the reason,
+  without one).
+
+DEVICE is where the tests put their tensors: the GPU when there is one, else the CPU.
+"""
+import pytest
+import torch
+
+from fastres import _ext
+from fastres.kernels import interpreter_active
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+EXT_BUILT, EXT_WHY = _ext.status()
+
+_TRITON_SKIP = pytest.mark.skipif(
+    not HAS_CUDA and not interpreter_active(),
+    reason="triton needs a CUDA GPU or the Triton interpreter (TRITON_INTERPRET=1 before triton is imported)")
+_EXT_SKIP = pytest.mark.skipif(not EXT_BUILT, reason=f"fastres._C is not built: {EXT_WHY}")
+
+# Backends that run kernels here.
+BACKENDS = [
+    pytest.param("triton", marks=_TRITON_SKIP),
+    pytest.param("cuda", marks=[pytest.mark.gpu, _EXT_SKIP]),
+]
+
+# Backends whose Python module imports here (no kernel runs: supports() and friends).
+MODULES = [pytest.param("triton"), pytest.param("cuda", marks=_EXT_SKIP)]
+
+
+def skip_unless_dtype_runs(dtype: torch.dtype) -> None:
+    """bf16 does not run under Triton's interpreter (DESIGN.md): a real skip there."""
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("bfloat16 needs a GPU (Triton's interpreter has no bf16)")
