@@ -15,37 +15,80 @@ collective; the conv and BN then run as the two modules, still exact).
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx import _symbolic_trace
+from torch.nn.modules import module as _module_mod
 
 from fastres import backends as backend
-from fastres.ops.conv_bn_act import conv_bn_act
+from fastres.backends import torch as aten_backend
+from fastres.ops.conv_bn_act import aten_reason, conv_bn_act, explain
 
 Tensor = torch.Tensor
 
-__all__ = ["conv_bn_act_modules", "unfusable_reason", "FusedConvBN2d", "FusedConvBNReLU2d"]
+__all__ = ["conv_bn_act_modules", "unfusable_reason", "hooked", "plain_forward_needed", "FusedConvBN2d",
+           "FusedConvBNReLU2d"]
+
+
+def frozen_bn_class() -> Optional[type]:
+    """torchvision's FrozenBatchNorm2d (what detection backbones use), when torchvision is loaded."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return getattr(misc, "FrozenBatchNorm2d", None)
+
+
+def is_frozen_bn(bn: nn.Module) -> bool:
+    cls = frozen_bn_class()
+    return cls is not None and type(bn) is cls
 
 
 def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     """Why (conv, bn) can never run as the fused op, or None when they can (structure only)."""
     if not isinstance(conv, nn.Conv2d):
         return f"{type(conv).__name__} is not an nn.Conv2d"
-    if not isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm):
+    frozen = is_frozen_bn(bn)
+    if not frozen and not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return f"{type(bn).__name__} is not an nn.BatchNorm2d"
     if type(conv).forward is not nn.Conv2d.forward:
         return f"{type(conv).__name__} has its own forward (the fused op would skip it)"
-    if type(bn).forward not in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
+    if not frozen and type(bn).forward not in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
         return f"{type(bn).__name__} has its own forward (the fused op would skip it)"
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
     if isinstance(conv.padding, str):
         return f"conv padding={conv.padding!r} (only explicit padding is fused)"
-    if conv.out_channels != bn.num_features:
-        return f"conv has {conv.out_channels} output channels but BatchNorm has {bn.num_features} features"
+    n_features = bn.weight.shape[0] if frozen else bn.num_features
+    if conv.out_channels != n_features:
+        return f"conv has {conv.out_channels} output channels but BatchNorm has {n_features} features"
     return None
+
+
+# True inside torch.fx.symbolic_trace (not inside torch.export, which traces the fused path itself).
+is_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+
+_hooks = _module_mod  # torch.nn.modules.module: where the global module hooks live
+
+
+def hooked(*mods: nn.Module) -> bool:
+    """Whether calling these modules would run a hook (theirs, or a global module hook), so that a
+    fused forward, which does not call them, would skip it. A few dict lookups: free when no hook exists."""
+    if (_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks
+            or _hooks._global_backward_pre_hooks):
+        return True
+    for m in mods:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
+
+
+def plain_forward_needed(*mods: nn.Module) -> bool:
+    """True when a fused forward must run its modules as the plain model would (each module called):
+    under torch.fx symbolic tracing (the graph must show the real Conv2d / BatchNorm2d / ReLU calls,
+    as torchvision's does) or when one of them, or the module system, has hooks."""
+    return is_fx_tracing() or hooked(*mods)
 
 
 def _needs_sync(bn: nn.Module) -> bool:
@@ -57,7 +100,8 @@ def _needs_sync(bn: nn.Module) -> bool:
 
 
 def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor], relu: bool) -> Tensor:
-    backend.calls[("conv_bn_act", "forward", "unfused")] += 1
+    if not torch.compiler.is_compiling() and not is_fx_tracing():
+        backend.calls[("conv_bn_act", "forward", "unfused")] += 1
     y = bn(conv(x))
     if residual is not None:
         y = y + residual
@@ -66,15 +110,23 @@ def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tenso
 
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,
                         relu: bool = False) -> Tensor:
-    """act(bn(conv(x)) (+ residual)), fused; bn's running statistics are updated as nn.BatchNorm2d does."""
+    """act(bn(conv(x)) (+ residual)), fused; bn's running statistics are updated as nn.BatchNorm2d does.
+
+    Runs the two modules themselves (exact, hooks honoured) when they cannot be fused, carry hooks, are
+    being traced by torch.fx, or are a SyncBatchNorm training across processes."""
     why = unfusable_reason(conv, bn)
+    if why is None and plain_forward_needed(conv, bn):
+        why = "hooks, or torch.fx tracing"
     if why is None and _needs_sync(bn):
         why = "SyncBatchNorm training across processes"
     if why is not None:
-        backend.log.debug("fastres conv_bn_act: running unfused: %s", why)
+        if not torch.compiler.is_compiling() and not is_fx_tracing():
+            backend.log.debug("fastres conv_bn_act: running unfused: %s", why)
         return _unfused(x, conv, bn, residual, relu)
     if x.dim() != 4:
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    if is_frozen_bn(bn):  # always eval-mode BatchNorm with its buffers as the affine parameters
+        return _eval(x, conv, bn, residual, relu, bn.eps)
 
     # nn.BatchNorm2d.forward's rules, step for step.
     factor = 0.0 if bn.momentum is None else bn.momentum
@@ -82,12 +134,38 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if not use_batch_stats:
+        return _eval(x, conv, bn, residual, relu, bn.eps)
     keep = not bn.training or bn.track_running_stats
     return conv_bn_act(
         x, conv.weight, conv.bias, bn.weight, bn.bias,
         bn.running_mean if keep else None, bn.running_var if keep else None, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        training=use_batch_stats, momentum=factor, eps=bn.eps, relu=relu)
+        training=True, momentum=factor, eps=bn.eps, relu=relu)
+
+
+def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool, eps: float) -> Tensor:
+    """Eval-mode BatchNorm (running statistics). On the torch backend in eager mode, folded into the
+    conv (cached while autograd is off: fastres.backends.torch.folded); otherwise the fused op."""
+    if (backend.resolve_cached("conv_bn_act", x.device) == "torch" and not torch.compiler.is_compiling()
+            and aten_reason(x) is None and (residual is None or residual.dim() == 4)):
+        try:
+            w, b = aten_backend.folded(conv, bn, eps)
+            y = aten_backend.conv_bn_act_folded(x, w, b, residual, conv.stride, conv.padding, conv.dilation,
+                                                conv.groups, relu)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            explain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
+                    list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, False)
+            raise
+        if residual is not None and residual.shape != y.shape:
+            raise ValueError(f"conv_bn_act: expected residual of shape {tuple(y.shape)} (the conv output), "
+                             f"got {tuple(residual.shape)}")
+        backend.calls[("conv_bn_act", "forward", "torch")] += 1
+        return y
+    return conv_bn_act(
+        x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        training=False, momentum=0.0, eps=eps, relu=relu)
 
 
 class FusedConvBN2d(nn.Module):

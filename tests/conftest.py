@@ -47,3 +47,4 @@ def _restore_backend():
     before = b._requested
     yield
     b._requested = before
+    b._resolved.clear()

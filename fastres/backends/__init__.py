@@ -53,7 +53,7 @@ import logging
 import os
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
-import torch
+import torch as _torch  # (not `torch`: that name is the submodule fastres.backends.torch)
 
 from fastres.kernels import interpreter_active
 
@@ -65,7 +65,9 @@ __all__ = [
     "use_backend",
     "available",
     "resolve",
+    "resolve_cached",
     "implementation",
+    "module",
     "calls",
 ]
 
@@ -121,6 +123,7 @@ def set_backend(name: str) -> None:
         if not ok:
             raise BackendUnavailableError(f"fastres backend {name!r} is not available: {why}")
     _requested = name
+    _resolved.clear()
 
 
 def get_backend() -> str:
@@ -160,7 +163,7 @@ def available(name: str) -> Tuple[bool, str]:
     return _ext.status()
 
 
-def _device_check(name: str, device: torch.device) -> Optional[str]:
+def _device_check(name: str, device: _torch.device) -> Optional[str]:
     """Why `name` cannot run on tensors of `device`, or None when it can."""
     if name == "torch":
         return None
@@ -176,7 +179,23 @@ def _device_check(name: str, device: torch.device) -> Optional[str]:
     raise AssertionError(name)
 
 
-def resolve(op: str, device: torch.device) -> str:
+# (op, device type, requested backend) -> the concrete backend resolve() chose. Whether a backend is
+# installed and which device types it serves does not change within a process, so the choice is
+# made once; set_backend() / use_backend() clear it (and tests that patch _requested must too).
+_resolved: Dict[Tuple[str, str, str], str] = {}
+
+
+def resolve_cached(op: str, device: _torch.device) -> str:
+    """:func:`resolve`, remembered per (op, device type, requested backend): the per-call fast path.
+    A choice that raises is not remembered (the next call raises again, with its reason)."""
+    key = (op, device.type, _requested)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = resolve(op, device)
+    return name
+
+
+def resolve(op: str, device: _torch.device) -> str:
     """The concrete backend that runs `op` on tensors of `device` under the current choice."""
     req = _requested
     if req == "auto":
@@ -195,11 +214,21 @@ def resolve(op: str, device: torch.device) -> str:
     return req
 
 
-def _module(name: str):
-    return importlib.import_module(_IMPL_MODULES[name])
+_modules: Dict[str, object] = {}
 
 
-def implementation(op: str, phase: str, device: torch.device, **call) -> Tuple[str, Callable]:
+def module(name: str):
+    """The module implementing backend `name` (imported once)."""
+    mod = _modules.get(name)
+    if mod is None:
+        mod = _modules[name] = importlib.import_module(_IMPL_MODULES[name])
+    return mod
+
+
+_module = module
+
+
+def implementation(op: str, phase: str, device: _torch.device, **call) -> Tuple[str, Callable]:
     """(backend name, function) that runs `op`'s `phase` ("forward" or "backward") for this call.
 
     `call` holds the op's arguments that decide whether a backend's kernels cover it (shapes, dtypes,

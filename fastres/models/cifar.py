@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut
-from fastres.nn import conv_bn_act_modules
+from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut, stem_forward
 
 Tensor = torch.Tensor
 
@@ -55,7 +54,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = conv_bn_act_modules(x, self.conv1, self.bn1, relu=True)
+        x = stem_forward(self, x)
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)

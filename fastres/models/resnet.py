@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.nn import conv_bn_act_modules, unfusable_reason
+from fastres.nn import conv_bn_act_modules, plain_forward_needed, unfusable_reason
 
 Tensor = torch.Tensor
 
@@ -149,7 +149,33 @@ class BasicBlock(nn.Module):
         return basic_block_forward(self, x)
 
 
+def _plain_needed(block: nn.Module) -> bool:
+    """A block runs its modules one by one, exactly as torchvision's forward does, when torch.fx traces
+    it or any of its modules has hooks (see fastres.nn.plain_forward_needed)."""
+    ds = block.downsample
+    mods = [m for m in block.children() if m is not ds] + (list(ds.modules()) if ds is not None else [])
+    return plain_forward_needed(*mods)
+
+
+def plain_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward, module by module (plain blocks add nothing)."""
+    identity = x
+    out = block.relu(block.bn1(block.conv1(x)))
+    if hasattr(block, "conv3"):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    if getattr(block, "shortcut", "B") is not None:
+        if block.downsample is not None:
+            identity = block.downsample(x)
+        out += identity
+    return block.relu(out)
+
+
 def basic_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    if _plain_needed(block):
+        return plain_block_forward(block, x)
     residual = shortcut_of(block, x)
     out = conv_bn_act_modules(x, block.conv1, block.bn1, relu=True)
     return conv_bn_act_modules(out, block.conv2, block.bn2, residual=residual, relu=True)
@@ -184,6 +210,8 @@ class Bottleneck(nn.Module):
 
 
 def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
+    if _plain_needed(block):
+        return plain_block_forward(block, x)
     residual = shortcut_of(block, x)
     out = conv_bn_act_modules(x, block.conv1, block.bn1, relu=True)
     out = conv_bn_act_modules(out, block.conv2, block.bn2, relu=True)
@@ -266,7 +294,7 @@ class FusedResNet(nn.Module):
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     """Stem (fused conv1 + bn1 + ReLU), maxpool, the four stages, pool, fc."""
-    x = conv_bn_act_modules(x, model.conv1, model.bn1, relu=True)
+    x = stem_forward(model, x)
     x = model.maxpool(x)
     x = model.layer1(x)
     x = model.layer2(x)
@@ -275,6 +303,13 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     x = model.avgpool(x)
     x = torch.flatten(x, 1)
     return model.fc(x)
+
+
+def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """relu(bn1(conv1(x))): fused, or module by module under torch.fx / with hooks."""
+    if plain_forward_needed(model.conv1, model.bn1, model.relu):
+        return model.relu(model.bn1(model.conv1(x)))
+    return conv_bn_act_modules(x, model.conv1, model.bn1, relu=True)
 
 
 def FusedResNet18(**kwargs) -> FusedResNet:

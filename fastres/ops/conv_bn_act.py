@@ -24,8 +24,10 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastres import backends as backend
+from fastres.backends import torch as aten_backend
 from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
 
 Tensor = torch.Tensor
@@ -96,38 +98,98 @@ def _(grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding
     )
 
 
+# FLOP formulas (torch.utils.flop_counter), so FlopCounterMode and the tools built on it (Lightning's
+# measure_flops, MFU reports) count the convolutions of the fused backends as they count aten's.
+# (On the torch backend the op is aten's own conv2d, counted by aten's formula.) BatchNorm, add and
+# ReLU are not counted, as FlopCounterMode counts none of them for aten either.
+@register_flop_formula(torch.ops.fastres.conv_bn_act)
+def _conv_bn_act_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape[0], transposed=False)
+
+
+@register_flop_formula(torch.ops.fastres.conv_bn_act_backward)
+def _conv_bn_act_backward_flop(grad_y_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    needs = args[-1]  # dx and dW each cost one convolution (dgrad, wgrad)
+    return conv_flop_count(x_shape, w_shape, grad_y_shape, transposed=False) * (int(needs[0]) + int(needs[1]))
+
+
+def _eager() -> bool:
+    """True when a fused backend may run its kernels directly, skipping the custom op's dispatch: plain
+    eager execution. Under torch.compile / torch.export tracing, or with a TorchDispatchMode active
+    (FlopCounterMode, fake tensors, a profiler's mode), the custom op must be what is seen."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 class _ConvBNAct(torch.autograd.Function):
-    """Autograd for fastres::conv_bn_act. (An op that mutates its inputs - the running statistics -
-    cannot take torch.library.register_autograd, so the op is wrapped in an autograd.Function;
-    torch.compile traces through it.)"""
+    """Autograd of conv_bn_act on a fused backend (triton, cuda). (An op that mutates its inputs - the
+    running statistics - cannot take torch.library.register_autograd, so the op is wrapped in an
+    autograd.Function; torch.compile traces through it.)
+
+    In eager mode the backend's forward/backward run directly; under tracing through the custom ops.
+    A backward run with autograd on (``create_graph=True``: double backward, gradient penalties, hvp)
+    is computed by differentiating the same math as aten ops (fastres/backends/torch.py) from the saved
+    inputs, so it can itself be differentiated."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                 padding, dilation, groups, training, momentum, eps, relu):
         save_mask = relu and any(ctx.needs_input_grad)
-        y, z, mean, invstd, mask = torch.ops.fastres.conv_bn_act(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-            dilation, groups, training, momentum, eps, relu, save_mask)
+        args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                dilation, groups, training, momentum, eps, relu, save_mask)
+        if _eager():
+            _, fn = backend.implementation(OP, "forward", x.device, **_support_args(
+                x, weight, residual, stride, padding, dilation, groups, training, relu))
+            y, z, mean, invstd, mask = fn(*args)
+        else:
+            y, z, mean, invstd, mask = torch.ops.fastres.conv_bn_act(*args)
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.training, ctx.relu = training, relu
+        ctx.training, ctx.relu, ctx.eps = training, relu, eps
         ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None, residual is not None)
-        ctx.save_for_backward(x, weight, bias, bn_weight, z, mask, mean, invstd)
+        # For a differentiable backward in eval mode: the running statistics used (not mutated in eval).
+        ctx.running = None if training else (running_mean, running_var)
+        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, residual, z, mask, mean, invstd)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, bn_weight, z, mask, mean, invstd = ctx.saved_tensors
+        x, weight, bias, bn_weight, bn_bias, residual, z, mask, mean, invstd = ctx.saved_tensors
         has_bias, has_gamma, has_beta, has_res = ctx.has
         ni = ctx.needs_input_grad
         needs = [ni[0], ni[1], has_bias and ni[2], has_gamma and ni[3], has_beta and ni[4], has_res and ni[7]]
         if grad_y is None or not any(needs):
             return (None,) * 16
         stride, padding, dilation, groups = ctx.conv
-        grads = torch.ops.fastres.conv_bn_act_backward(
-            grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation, groups,
-            ctx.training, ctx.relu, needs)
-        dx, dw, db, dg, dbeta, dres = (g if need else None for g, need in zip(grads, needs))
+        if torch.is_grad_enabled():
+            dx, dw, db, dg, dbeta, dres = _differentiable_backward(
+                ctx, grad_y, needs, x, weight, bias, bn_weight, bn_bias, residual)
+        else:
+            bargs = (grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation,
+                     groups, ctx.training, ctx.relu, needs)
+            if _eager():
+                _, fn = backend.implementation(OP, "backward", x.device, **_support_args(
+                    x, weight, None, stride, padding, dilation, groups, ctx.training, ctx.relu))
+                grads = fn(grad_y.contiguous(memory_format=memory_format_of(x)), *bargs[1:])
+            else:
+                grads = torch.ops.fastres.conv_bn_act_backward(*bargs)
+            dx, dw, db, dg, dbeta, dres = (g if need else None for g, need in zip(grads, needs))
         return (dx, dw, db, dg, dbeta, None, None, dres) + (None,) * 8
+
+
+def _differentiable_backward(ctx, grad_y, needs, x, weight, bias, bn_weight, bn_bias, residual):
+    """The backward of conv_bn_act as a differentiable function of grad_y and of the inputs: the forward
+    recomputed from the saved inputs as aten ops (batch statistics, running ones untouched, in
+    training; the running statistics used in eval), differentiated with create_graph=True."""
+    from fastres.backends import torch as aten_backend
+
+    stride, padding, dilation, groups = ctx.conv
+    rm, rv = ctx.running if ctx.running is not None else (None, None)
+    leaves = (x, weight, bias, bn_weight, bn_bias, residual)
+    wanted = [t for t, need in zip(leaves, needs) if need]
+    with torch.enable_grad():
+        y = aten_backend.conv_bn_act_aten(x, weight, bias, bn_weight, bn_bias, rm, rv, residual, stride,
+                                          padding, dilation, groups, ctx.training, 0.0, ctx.eps, ctx.relu)
+        got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+    return [next(got) if need else None for need in needs]
 
 
 IntPair = Union[int, Sequence[int]]
@@ -181,6 +243,43 @@ def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, ru
                          f"{torch.Size(shape)}")
 
 
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def aten_reason(x: Tensor) -> Optional[str]:
+    """Why a call on a fused backend must run as aten ops instead (torch backend), or None:
+    tensors on the meta device (shape inference), torch.func transforms (vmap, grad, jvp: the fused
+    kernels have no batching or forward-mode rule), torch.export / ONNX export and torch.jit.trace
+    (a deployable graph of standard ops)."""
+    if x.device.type == "meta":
+        return "meta tensors"
+    if _functorch_active():
+        return "a torch.func transform is active"
+    if torch.compiler.is_exporting():
+        return "torch.export"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    return None
+
+
+def _count(key) -> None:
+    if not torch.compiler.is_compiling():
+        backend.calls[key] += 1
+
+
+def explain(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+            stride, padding, dilation, groups: int, training: bool) -> None:
+    """Raise the error that says what was expected for a bad call (nothing when the call is good)."""
+    _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+           dilation, groups, training)
+    dev = x.device.type
+    if not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)) and weight.dtype != x.dtype:
+        raise TypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
+                        f"(float32, float16, bfloat16 and float64 work; use autocast or convert the model "
+                        f"with .to(dtype))")
+
+
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
                 bn_bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
                 running_var: Optional[Tensor] = None, residual: Optional[Tensor] = None, *,
@@ -193,19 +292,50 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
     cumulative average). training=False normalises with the running statistics.
     Under autocast, x, weight, bias and residual are cast to the autocast dtype; BatchNorm
     parameters and statistics stay in their own dtype (fp32).
+
+    On the torch backend this is aten's conv2d -> batch_norm -> add_ -> relu_ (autocast as aten does it);
+    a bad call is explained by :func:`explain` when aten rejects it. On a fused backend the inputs are
+    checked first, then the kernels run through _ConvBNAct.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-           dilation, groups, training)
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                dilation, groups, training)
+    name = backend.resolve_cached(OP, x.device)
+    if name != "torch":
+        why = aten_reason(x) or backend.module(name).conv_bn_act_supports(
+            x, weight, residual, stride, padding, dilation, groups, training, relu)
+        if why is None:
+            return _fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                          padding, dilation, groups, training, momentum, eps, relu)
+        backend.log.debug("fastres %s: %s backend does not cover this call (%s); running torch", OP, name, why)
+        name = f"{name}->torch"
+    if residual is not None and list(residual.shape) != conv_out_shape(x.shape, weight.shape, stride, padding,
+                                                                       dilation):
+        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                dilation, groups, training)
+    _count((OP, "forward", name))
+    try:
+        y = aten_backend.conv_bn_act_aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                          residual, stride, padding, dilation, groups, training, momentum,
+                                          eps, relu)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                dilation, groups, training)
+        raise
+    return y
+
+
+def _fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+           groups, training, momentum, eps, relu) -> Tensor:
+    explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+            dilation, groups, training)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         residual = residual.to(dt) if residual is not None else None
-    elif weight.dtype != x.dtype:
-        raise TypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
-                        f"(use autocast or convert the model with .to(dtype))")
     if residual is not None and residual.dtype != x.dtype:
         raise TypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
     return _ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
