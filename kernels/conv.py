@@ -1,174 +1,65 @@
-"""Implicit-GEMM conv2d over NHWC in Triton, with the fused epilogues of fastres.
+"""Implicit-GEMM conv2d over NHWC in Triton, with the fused epilogues of fastres: the host side.
 
-The convolution is one GEMM, never materialised as im2col:
+The kernel and its config model live in kernels/conv_kernel.py (its docstring derives the GEMM
+view and the tap-major mainloop). This module prepares the operands, picks the launch, and says
+what a launch would compile to (:func:`report_variants`, for the compile-report tool):
 
-    M      = N * Ho * Wo     rows: output positions (n, ho, wo), in channels_last order
-    N_gemm = Cout            columns: output channels
-    K      = kh * kw * Cin   reduction, ordered (r, s, c): filter row, filter column, input channel
-
-Row m and reduction index k = (r, s, c) read the input element
-x[n, c, ho * stride_h - pad_h + r * dil_h, wo * stride_w - pad_w + s * dil_w] (zero outside the
-image: padding is a load mask). The host re-lays the weight once per call as a (K, Cout) contiguous
-matrix, so its tiles are plain 2-D loads. tl.dot accumulates in fp32.
-
-Epilogue, on the fp32 accumulator of one (BLOCK_M, BLOCK_N) tile, v = conv + bias:
-* training (want_stats): the tile's per-channel (count, mean, M2) of v over its valid rows, written
-  to its own row of a (T, 3, Cout) fp32 buffer (T = number of M tiles). No atomics: the result does
-  not depend on scheduling; :func:`merge_stats` (or the BN finalize kernel) merges the T partials.
-* out = act(v * scale[c] + shift[c] + residual), stored in the input dtype, channels_last.
-  Inference passes BatchNorm folded into scale/shift; training passes none of them and keeps v.
+* input: made channels_last; when Cin is not a multiple of 16 it is copied once into a zero-padded
+  (N, H, W, CIN_P) buffer, so a K-step is a run of whole 16-byte channel vectors; a stride-2 conv over
+  <= 4 channels (the stem) is rewritten by space-to-depth instead (kernels/conv_s2d.py);
+* weight: a channels_last weight (Cout, kh, kw, Cin) with Cin % 16 == 0 is consumed in place, viewed
+  as (Cout, K); any other weight is re-laid once and cached per (tensor, data_ptr, version), not per call;
+* autotune (GPU): keyed on M rounded up to a power of two with the conv geometry and the epilogue,
+  so a new batch size reuses the tuning; tuning cannot run inside CUDA-graph capture: run
+  :func:`fastres.kernels.warmup.warmup` once before capturing.
 
 Host functions: :func:`conv2d_nhwc` (allocate + launch), :func:`conv2d_nhwc_supports` (which calls
-the kernel covers) and :func:`merge_stats` (Chan's merge of the partials, plain torch).
+the kernel covers), :func:`merge_stats` (Chan's merge of the partials, plain torch) and
+:func:`report_variants`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
-import triton.language as tl
 
 from fastres.kernels import alloc as _alloc
 from fastres.kernels import interpreter_active
+from fastres.kernels.conv_kernel import (
+    BLOCK_M_GPU,
+    BLOCK_M_INTERPRETER,
+    CHANNEL_ALIGN,
+    GPU_CONFIGS,
+    GROUP_M,
+    MAX_SHARED_SM90,
+    _conv_kernel,
+    _conv_kernel_tuned,
+    prune_configs,
+)
+from fastres.kernels.conv_s2d import S2D_CIN_P, s2d_applies, s2d_input, s2d_shape, s2d_weight
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
 
-__all__ = ["conv2d_nhwc", "conv2d_nhwc_supports", "merge_stats", "GPU_CONFIGS", "BLOCK_M_GPU",
-           "BLOCK_M_INTERPRETER"]
+__all__ = ["conv2d_nhwc", "conv2d_nhwc_supports", "merge_stats", "report_variants", "GPU_CONFIGS",
+           "BLOCK_M_GPU", "BLOCK_M_INTERPRETER", "clear_weight_cache"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2 ** 31 - 1
-
-# Rows per tile. Fixed per platform (not tuned) because the host sizes the statistics buffer,
-# T = cdiv(M, BLOCK_M), before the launch.
-BLOCK_M_GPU = 128
-BLOCK_M_INTERPRETER = 64
-
-# The interpreter runs exactly one config (autotune with several fails there): large blocks, so
-# few programs run through the slow interpreter.
-_INTERPRETER_META = dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-
-# GPU autotune list, keyed on the GEMM shape. Chosen as plausible for an H100 (tensor-core tiles
-# of 128 x 64/128 x 32/64, 4-8 warps, 3-4 pipeline stages); it has NOT been measured here (no GPU
-# on the machine this was written on). Configs that exceed shared memory (fp32, large tiles, 4
-# stages) are discarded by the autotuner as out of resources.
-GPU_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-]
+_ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-@triton.jit
-def _conv_kernel(
-    # pointers
-    X,        # input, element (n, c, h, w) at n*sxn + c*sxc + h*sxh + w*sxw (channels_last in practice)
-    Wt,       # weight re-laid as (K, Cout) contiguous, K ordered (r, s, c); same dtype as X
-    BIAS,     # (Cout,) fp32 conv bias, read when HAS_BIAS
-    SCALE,    # (Cout,) fp32 per-channel scale, read when HAS_SCALE
-    SHIFT,    # (Cout,) fp32 per-channel shift, read when HAS_SHIFT
-    RES,      # residual (N, Cout, Ho, Wo), dtype of X, strides srn/src/srh/srw, read when HAS_RES
-    OUT,      # output (N, Cout, Ho, Wo) channels_last contiguous: element (m, c) at m*COUT + c
-    PART,     # (T, 3, Cout) fp32 contiguous tile statistics [count, mean, M2], written when WANT_STATS
-    # sizes
-    M,        # N * Ho * Wo, GEMM rows
-    COUT,     # output channels, GEMM columns
-    CIN,      # input channels
-    H, W,     # input height, width
-    HO, WO,   # output height, width
-    K,        # kh * kw * Cin, GEMM reduction length
-    KW,       # filter width (the filter height is implied by K)
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,  # conv geometry, as in F.conv2d
-    # strides (in elements)
-    sxn, sxc, sxh, sxw,   # of X
-    srn, src, srh, srw,   # of RES
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, WANT_STATS: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" or "tf32" (matters for fp32 inputs only)
-    BLOCK_M: tl.constexpr,    # rows per tile (fixed by the host: sizes the statistics buffer)
-    BLOCK_N: tl.constexpr,    # output channels per tile
-    BLOCK_K: tl.constexpr,    # reduction step
-):
-    # Program -> tile. Column tiles vary fastest, so programs running together share input rows.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(COUT, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # [BLOCK_M] output positions m
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # [BLOCK_N] output channels
-    row_ok = rows < M
-    col_ok = cols < COUT
-
-    # m -> (n, ho, wo); the top-left input pixel each output row reads.
-    n_img = rows // (HO * WO)
-    rem = rows % (HO * WO)
-    ho = rem // WO
-    wo = rem % WO
-    h0 = ho * STRIDE_H - PAD_H
-    w0 = wo * STRIDE_W - PAD_W
-    x_row = n_img * sxn
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    kcin = KW * CIN
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)               # [BLOCK_K] reduction indices (r, s, c)
-        k_ok = ks < K
-        r = ks // kcin
-        s = (ks % kcin) // CIN
-        c = ks % CIN
-        hi = h0[:, None] + (r * DIL_H)[None, :]       # [BLOCK_M, BLOCK_K]
-        wi = w0[:, None] + (s * DIL_W)[None, :]
-        a_ok = (row_ok[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-        a_off = x_row[:, None] + hi * sxh + wi * sxw + (c * sxc)[None, :]
-        a = tl.load(X + a_off, mask=a_ok, other=0.0)
-        b_off = ks[:, None] * COUT + cols[None, :]
-        b = tl.load(Wt + b_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
-    v = acc
-    if HAS_BIAS:
-        v += tl.load(BIAS + cols, mask=col_ok, other=0.0)[None, :]
-
-    if WANT_STATS:
-        # Per-channel (count, mean, M2) of v over this tile's valid rows.
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        vm = tl.where(row_ok[:, None], v, 0.0)
-        mean = tl.sum(vm, axis=0) / count
-        d = tl.where(row_ok[:, None], v - mean[None, :], 0.0)
-        m2 = tl.sum(d * d, axis=0)
-        p = PART + pid_m * 3 * COUT + cols
-        tl.store(p, tl.zeros([BLOCK_N], dtype=tl.float32) + count, mask=col_ok)
-        tl.store(p + COUT, mean, mask=col_ok)
-        tl.store(p + 2 * COUT, m2, mask=col_ok)
-
-    y = v
-    if HAS_SCALE:
-        y = y * tl.load(SCALE + cols, mask=col_ok, other=0.0)[None, :]
-    if HAS_SHIFT:
-        y = y + tl.load(SHIFT + cols, mask=col_ok, other=0.0)[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
-    if HAS_RES:
-        r_off = (n_img * srn + ho * srh + wo * srw)[:, None] + (cols * src)[None, :]
-        y = y + tl.load(RES + r_off, mask=ok, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # ReLU that keeps NaN, as torch.relu (maximum would drop it)
-    tl.store(OUT + rows[:, None] * COUT + cols[None, :], y.to(OUT.dtype.element_ty), mask=ok)
+def _interp_meta(cin_p: int) -> dict:
+    """The one config the interpreter runs (autotune with several fails there): large blocks, so
+    few programs run through the slow interpreter; BLOCK_K the largest of 64/32/16 dividing CIN_P."""
+    block_k = next(k for k in (64, 32, 16) if cin_p % k == 0)
+    return dict(BLOCK_N=32, BLOCK_K=block_k, num_warps=4, num_stages=1)
 
 
-# GPU: autotuned over BLOCK_N, BLOCK_K, warps and stages, per GEMM shape and epilogue.
-_conv_kernel_tuned = triton.autotune(
-    configs=GPU_CONFIGS,
-    key=["M", "COUT", "CIN", "K", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "HAS_RES", "RELU",
-         "WANT_STATS", "PRECISION"],
-)(_conv_kernel)
+def _cin_p(cin: int) -> int:
+    return -(-cin // CHANNEL_ALIGN) * CHANNEL_ALIGN
 
 
 def _pair(v: IntPair, name: str) -> Tuple[int, int]:
@@ -227,7 +118,8 @@ def conv2d_nhwc_supports(x: Tensor, weight: Tensor, stride: IntPair = 1, padding
     if ho <= 0 or wo <= 0:
         return f"empty output {ho}x{wo}"
     out_numel = x.shape[0] * weight.shape[0] * ho * wo
-    if max(x.numel(), out_numel, weight.numel()) > _INT32_LIMIT:
+    grow = _cin_p(x.shape[1]) / x.shape[1]           # the kernel reads input and weight padded to CIN_P channels
+    if max(x.numel() * grow, out_numel, weight.numel() * grow) > _INT32_LIMIT:
         return "tensor too large for int32 indexing"
     return None
 
@@ -244,6 +136,95 @@ def _param(t: Optional[Tensor], name: str, cout: int, device: torch.device) -> O
     if t.device != device:
         raise ValueError(f"conv2d_nhwc: expected {name} on {device}, got {t.device}")
     return t.to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# operands
+
+# (data_ptr, shape, stride, dtype, device, CIN_P) -> (weight, version, re-laid weight), least recently used
+# first. The entry holds the weight itself, so its memory cannot be reused by another tensor while the
+# key stands; the version counter catches in-place updates (an optimizer step).
+_weight_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+WEIGHT_CACHE_SIZE = 128   # > the convs of any ResNet: a model's weights stay cached across steps
+
+
+def clear_weight_cache() -> None:
+    _weight_cache.clear()
+
+
+def _cached(weight: Tensor, tag: tuple, make) -> Tensor:
+    """make(weight), cached per (weight memory, shape, strides, dtype, device, tag) until the weight changes
+    in place (its version counter) or falls out of the cache. Not cached while a CUDA graph is captured."""
+    try:
+        version = weight._version
+    except RuntimeError:   # inference tensors carry no version counter: no caching
+        return make(weight)
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, tag)
+    hit = _weight_cache.get(key)
+    if hit is not None and hit[1] == version:
+        _weight_cache.move_to_end(key)
+        return hit[2]
+    relaid = make(weight)
+    if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _weight_cache[key] = (weight, version, relaid)
+        while len(_weight_cache) > WEIGHT_CACHE_SIZE:
+            _weight_cache.popitem(last=False)
+    return relaid
+
+
+def _weight_matrix(weight: Tensor, cin_p: int) -> Tensor:
+    """weight (Cout, Cin, kh, kw) as a (Cout, kh, kw, CIN_P) contiguous tensor, channels zero-padded.
+    A channels_last weight with Cin == CIN_P is that tensor already (a view, no copy); otherwise the
+    re-layout is cached (:func:`_cached`)."""
+    whkc = weight.permute(0, 2, 3, 1)
+    if weight.shape[1] == cin_p and whkc.is_contiguous():
+        return whkc
+
+    def relayout(wt: Tensor) -> Tensor:
+        cout, cin, kh, kw = wt.shape
+        out = torch.zeros((cout, kh, kw, cin_p), dtype=wt.dtype, device=wt.device)
+        out[..., :cin] = wt.permute(0, 2, 3, 1)
+        return out
+    return _cached(weight, ("nhwc", cin_p), relayout)
+
+
+def _input_nhwc(x: Tensor, cin_p: int) -> Tensor:
+    """x as an (N, CIN_P, H, W) channels_last tensor (channel stride 1), zero-padded channels."""
+    if x.shape[1] == cin_p:
+        return x.contiguous(memory_format=torch.channels_last)
+    n, cin, h, w = x.shape
+    xp = torch.zeros((n, h, w, cin_p), dtype=x.dtype, device=x.device)
+    xp[..., :cin] = x.permute(0, 2, 3, 1)
+    return xp.permute(0, 3, 1, 2)
+
+
+def _geometry(n, cin, h, w, cout, kh, kw, stride, padding, dilation, res_strides=None) -> dict:
+    """The kernel's integer arguments (by name) for a conv of this shape, plus KH/KW/MASK_HW and S2D
+    (whether the host rewrites it by space-to-depth, kernels/conv_s2d.py: then the kernel sees the
+    rewritten stride-1 conv, with the real output size). The input is channels_last contiguous with
+    CIN_P channels; res_strides (n, c, h, w) default to a channels_last residual."""
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    s2d = s2d_applies(cin, stride, dilation)
+    if s2d:
+        h, w, kh, kw = s2d_shape(h, w, kh, kw, padding)
+        cin, stride, padding = S2D_CIN_P, (1, 1), (0, 0)
+        assert h - kh + 1 >= ho and w - kw + 1 >= wo
+    cin_p = _cin_p(cin)
+    m = n * ho * wo
+    if res_strides is None:
+        res_strides = (ho * wo * cout, 1, wo * cout, cout)
+    return dict(M=m, COUT=cout, H=h, W=w, HO=ho, WO=wo, CIN_P=cin_p, K_P=kh * kw * cin_p,
+                STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+                DIL_H=dilation[0], DIL_W=dilation[1],
+                sxn=h * w * cin_p, sxh=w * cin_p, sxw=cin_p,
+                srn=res_strides[0], src=res_strides[1], srh=res_strides[2], srw=res_strides[3],
+                M_KEY=triton.next_power_of_2(m),
+                KH=kh, KW=kw, MASK_HW=padding[0] > 0 or padding[1] > 0, S2D=s2d)
+
+
+def _grid_size(m: int, cout: int, block_m: int, block_n: int) -> int:
+    return triton.cdiv(m, block_m) * triton.cdiv(cout, block_n)
 
 
 def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: IntPair = (1, 1),
@@ -286,7 +267,6 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = _out_hw(x, weight, stride, padding, dilation)
-    m, k = n * ho * wo, kh * kw * cin
     dev = x.device
     bias, scale, shift = (_param(t, nm, cout, dev) for t, nm in ((bias, "bias"), (scale, "scale"),
                                                                   (shift, "shift")))
@@ -300,8 +280,14 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
         if residual.device != dev:
             raise ValueError(f"conv2d_nhwc: expected residual on {dev}, got {residual.device}")
 
-    xc = x.contiguous(memory_format=torch.channels_last)
-    wt = weight.permute(2, 3, 1, 0).reshape(k, cout).contiguous()   # (K, Cout), K ordered (r, s, c)
+    geo = _geometry(n, cin, h, w, cout, kh, kw, stride, padding, dilation,
+                    None if residual is None else residual.stride())
+    cin_p = geo["CIN_P"]
+    if geo["S2D"]:
+        xc, wmat = s2d_input(x, padding), _cached(weight, ("s2d",), s2d_weight)
+    else:
+        xc, wmat = _input_nhwc(x, cin_p), _weight_matrix(weight, cin_p)
+    m, ho, wo = geo["M"], geo["HO"], geo["WO"]
     out = _alloc.empty((n, cout, ho, wo), dtype=x.dtype, device=dev, memory_format=torch.channels_last)
 
     interp = dev.type == "cpu"
@@ -316,25 +302,102 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
     ieee = x.dtype == torch.float32 and (interp or not torch.backends.cudnn.allow_tf32)
     dummy = out  # stands in for absent optional pointers (never read: its flag is off)
     res = residual if residual is not None else out
-    args = (xc, wt, bias if bias is not None else dummy, scale if scale is not None else dummy,
-            shift if shift is not None else dummy, res, out, part if part is not None else dummy,
-            m, cout, cin, h, w, ho, wo, k, kw, stride[0], stride[1], padding[0], padding[1],
-            dilation[0], dilation[1],
-            xc.stride(0), xc.stride(1), xc.stride(2), xc.stride(3),
-            res.stride(0), res.stride(1), res.stride(2), res.stride(3))
-    flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                 HAS_RES=residual is not None, RELU=bool(relu), WANT_STATS=bool(want_stats),
-                 PRECISION="ieee" if ieee else "tf32", BLOCK_M=block_m)
+    ints = [geo[k] for k in _INT_ARGS]
+    args = (xc, wmat, bias if bias is not None else dummy, scale if scale is not None else dummy,
+            shift if shift is not None else dummy, res, out, part if part is not None else dummy, *ints)
+    flags = _flags(geo, bias is not None, scale is not None, shift is not None, residual is not None, relu,
+                   want_stats, "ieee" if ieee else "tf32", block_m)
     if interp:
-        meta = _INTERPRETER_META
-        grid = (tiles_m * triton.cdiv(cout, meta["BLOCK_N"]),)
-        _conv_kernel[grid](*args, **flags, **meta)
+        meta = _interp_meta(cin_p)
+        _conv_kernel[(_grid_size(m, cout, block_m, meta["BLOCK_N"]),)](*args, **flags, **meta)
     else:
         def grid(meta):
-            return (tiles_m * triton.cdiv(cout, meta["BLOCK_N"]),)
+            return (_grid_size(m, cout, block_m, meta["BLOCK_N"]),)
         with torch.cuda.device(dev):
             _conv_kernel_tuned[grid](*args, **flags)
     return out, part
+
+
+_INT_ARGS = ("M", "COUT", "H", "W", "HO", "WO", "CIN_P", "K_P", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",
+             "DIL_H", "DIL_W", "sxn", "sxh", "sxw", "srn", "src", "srh", "srw", "M_KEY")
+_PTR_ARGS = ("X", "Wt", "BIAS", "SCALE", "SHIFT", "RES", "OUT", "PART")
+_FP32_PTRS = {"BIAS", "SCALE", "SHIFT", "PART"}
+
+
+def _flags(geo: dict, has_bias: bool, has_scale: bool, has_shift: bool, has_res: bool, relu: bool,
+           want_stats: bool, precision: str, block_m: int) -> dict:
+    return dict(KH=geo["KH"], KW=geo["KW"], MASK_HW=bool(geo["MASK_HW"]), HAS_BIAS=has_bias,
+                HAS_SCALE=has_scale, HAS_SHIFT=has_shift, HAS_RES=has_res, RELU=bool(relu),
+                WANT_STATS=bool(want_stats), PRECISION=precision, BLOCK_M=block_m, GROUP_M=GROUP_M)
+
+
+# The epilogues conv_bn_act launches on a GPU, by the report tool's names.
+_EPILOGUES = {
+    "stats": dict(has_bias=False, has_scale=False, has_shift=False, has_res=False, relu=False, want_stats=True),
+    "folded": dict(has_bias=False, has_scale=True, has_shift=True, has_res=False, relu=True, want_stats=False),
+    "folded_residual_relu": dict(has_bias=False, has_scale=True, has_shift=True, has_res=True, relu=True,
+                                 want_stats=False),
+}
+
+
+def _kernel_args() -> List[Tuple[str, bool]]:
+    """(name, is constexpr) of each argument of the kernel, read from its Python signature (works on the
+    JITFunction and on the interpreter's wrapper alike)."""
+    import inspect
+    params = inspect.signature(_conv_kernel.fn).parameters.values()
+    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
+
+
+def report_variants(case: dict, dtype: str) -> List[dict]:
+    """What a GPU launch of this conv compiles to: one dict per (epilogue, config the launcher may
+    pick after pruning), for the compile-report tool.
+
+    case: dict(name, n, cin, h, w, cout, kh, kw, stride, pad) (dilation 1, channels_last residual);
+    dtype: "bf16", "fp16" or "fp32" (fp32 as TF32, PyTorch's default conv flag).
+    Each dict: kernel, fn, role ("conv"), epilogue, config, signature (arg -> Triton type),
+    constexprs (arg -> value: meta-parameters and the ints the launcher specialises, == 1),
+    aligned (pointers, all 16-byte aligned as torch allocates, and ints divisible by 16), grid
+    (programs), bytes (minimum HBM traffic), flops (2 * M * Cout * kh * kw * Cin).
+    """
+    if dtype not in _ELEM_BYTES:
+        raise ValueError(f"report_variants: dtype must be one of {sorted(_ELEM_BYTES)}, got {dtype!r}")
+    es = _ELEM_BYTES[dtype]
+    st, pad = (case["stride"],) * 2, (case["pad"],) * 2
+    geo = _geometry(case["n"], case["cin"], case["h"], case["w"], case["cout"], case["kh"], case["kw"], st, pad,
+                    (1, 1))
+    m, cout = geo["M"], geo["COUT"]
+    configs = prune_configs(GPU_CONFIGS, geo["CIN_P"], cout, es, MAX_SHARED_SM90)
+    x_bytes = case["n"] * geo["H"] * geo["W"] * geo["CIN_P"] * es     # as the kernel reads it (padded / rewritten)
+    w_bytes = cout * geo["K_P"] * es
+    tiles_m = triton.cdiv(m, BLOCK_M_GPU)
+    out = []
+    for epi, opts in _EPILOGUES.items():
+        flags = _flags(geo, precision="tf32", block_m=BLOCK_M_GPU, **opts)
+        nbytes = x_bytes + w_bytes + m * cout * es
+        nbytes += m * cout * es if opts["has_res"] else 0
+        nbytes += tiles_m * 3 * cout * 4 if opts["want_stats"] else 0
+        nbytes += 2 * cout * 4 if opts["has_scale"] else 0
+        for cfg in configs:
+            consts = dict(flags, **cfg.kwargs)
+            sig, constexprs, aligned = {}, {}, []
+            for arg, is_constexpr in _kernel_args():
+                if is_constexpr:
+                    sig[arg], constexprs[arg] = "constexpr", consts[arg]
+                elif arg in _PTR_ARGS:
+                    sig[arg] = "*" + ("fp32" if arg in _FP32_PTRS else dtype)
+                    aligned.append(arg)
+                elif geo[arg] == 1:          # the launcher turns an int 1 into a constant
+                    sig[arg], constexprs[arg] = "constexpr", 1
+                else:
+                    sig[arg] = "i32"
+                    if geo[arg] % 16 == 0:
+                        aligned.append(arg)
+            out.append(dict(kernel=_conv_kernel.fn.__name__, fn=_conv_kernel, role="conv", epilogue=epi,
+                            config=dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                            signature=sig, constexprs=constexprs, aligned=aligned,
+                            grid=_grid_size(m, cout, BLOCK_M_GPU, cfg.kwargs["BLOCK_N"]), bytes=nbytes,
+                            flops=2 * m * cout * case["kh"] * case["kw"] * case["cin"], name=case.get("name")))
+    return out
 
 
 def merge_stats(partials: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -10,6 +10,9 @@ Backward:           dz, dgamma, dbeta, dres = bn_backward(...)  (z recomputed by
                     dx, dW, db = aten.convolution_backward(dz)
 The conv writes channels_last; for an NCHW input, z and y are brought to NCHW (one copy each) so that
 every output has the input's memory format and the ReLU bit mask follows y's memory order.
+The conv consumes a channels_last weight in place (others are re-laid once and cached by kernels/conv.py
+until the weight changes). On a GPU it autotunes on the first launch of each shape bucket: before capturing
+a model in a CUDA graph, run fastres.kernels.warmup.warmup(model, example_input) once.
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from fastres.backends.common import conv_bn_act_grads
 from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, pack_mask
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
-from fastres.backends.common import conv_bn_act_grads
 from fastres.layout import memory_format_of
 
 Tensor = torch.Tensor

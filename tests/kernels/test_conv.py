@@ -4,6 +4,7 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TR
 tiny shapes, fp32 and fp16. bf16 and the ResNet-50 shapes run only on a GPU (@pytest.mark.gpu).
 Every reference is F.conv2d in float64 on the very inputs the kernel saw; outputs are poisoned.
 """
+import inspect
 import math
 
 import pytest
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 
 from fastres.kernels import interpreter_active
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 from fastres.kernels import conv as kconv  # noqa: E402
+from fastres.kernels import conv_kernel as ck  # noqa: E402
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports, merge_stats  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,13 +77,20 @@ def _block_m():
     return kconv.BLOCK_M_GPU if DEV == "cuda" else kconv.BLOCK_M_INTERPRETER
 
 
-# (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation)
+# (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation). Cin 3, 5, 17, 40 are zero-padded to 16, 16,
+# 32, 48 channels by the host (several K-steps per tap for 17, 40); Cin 64 is one 64-channel K-step per tap.
 SHAPES = [
-    (1, 3, 13, 13, 8, (7, 7), (2, 2), (3, 3), (1, 1)),    # stem-like 7x7 stride 2, Cin 3
-    (2, 5, 9, 11, 17, (3, 3), (1, 1), (1, 1), (1, 1)),    # 3x3, odd channels, M = 198: 4 tiles, tail 6
-    (2, 17, 7, 6, 5, (1, 1), (1, 1), (0, 0), (1, 1)),     # 1x1, Cin 17 (K tail)
-    (2, 16, 9, 9, 40, (1, 1), (2, 2), (0, 0), (1, 1)),    # 1x1 stride 2 (downsample), 2 column tiles
+    (1, 3, 13, 13, 8, (7, 7), (2, 2), (3, 3), (1, 1)),    # stem-like 7x7/2, Cin 3: space-to-depth, 4x4 over 16
+    (2, 2, 11, 8, 6, (3, 3), (2, 2), (1, 1), (1, 1)),     # space-to-depth, odd padded height
+    (1, 4, 9, 10, 5, (2, 5), (2, 2), (0, 2), (1, 1)),     # space-to-depth, even/odd filter, padding on w only
+    (1, 3, 12, 11, 6, (7, 7), (1, 1), (3, 3), (1, 1)),    # 7x7 stride 1, Cin 3: 49 taps (64-bit tap mask)
+    (2, 5, 9, 11, 17, (3, 3), (1, 1), (1, 1), (1, 1)),    # 3x3, odd channels, M = 198: 2 row tiles, tail 70
+    (2, 17, 7, 6, 5, (1, 1), (1, 1), (0, 0), (1, 1)),     # 1x1, Cin 17: 2 K-steps, no padding (unmasked loads)
+    (2, 16, 9, 9, 40, (1, 1), (2, 2), (0, 0), (1, 1)),    # 1x1 stride 2 (downsample), 2 column tiles, Cout tail
     (1, 5, 10, 9, 3, (3, 3), (2, 2), (1, 1), (1, 1)),     # 3x3 stride 2, odd sizes
+    (1, 64, 6, 7, 40, (3, 3), (1, 1), (1, 1), (1, 1)),    # 3x3, Cin 64 (a ResNet width), Cout tail
+    (1, 64, 9, 8, 33, (1, 1), (2, 2), (0, 0), (1, 1)),    # 1x1 stride 2, Cin 64
+    (1, 40, 6, 5, 6, (3, 3), (1, 1), (1, 1), (1, 1)),     # Cin 40 -> 48: three 16-channel K-steps per tap
     (2, 3, 8, 8, 6, (3, 3), (1, 1), (2, 2), (2, 2)),      # dilation 2
     (1, 4, 7, 9, 5, (1, 3), (1, 2), (0, 2), (1, 1)),      # non-square kernel, stride, padding
     (1, 3, 9, 10, 4, (3, 3), (1, 1), (1, 2), (2, 1)),     # unequal dilation and padding per axis
@@ -120,7 +129,7 @@ EPILOGUES = {
 @pytest.mark.parametrize("epi", list(EPILOGUES), ids=list(EPILOGUES))
 def test_epilogue(poison, epi, dtype):
     opt = EPILOGUES[epi]
-    n, cin, h, w, cout = 2, 6, 9, 8, 19
+    n, cin, h, w, cout = 1, 6, 9, 8, 19     # M = 72: one partial tile (masked rows), Cout 19: partial columns
     x = _rand(n, cin, h, w, dtype=dtype, fmt=torch.channels_last)
     wt = _rand(cout, cin, 3, 3, dtype=dtype)
     # parameters in mixed float dtypes: the kernel uses them in fp32
@@ -143,7 +152,8 @@ def test_epilogue(poison, epi, dtype):
         y = torch.relu(y)
         assert (y == 0).any() and (y > 0).any()
     ymag = mag * (scale.abs().max().item() if scale is not None else 1.0)
-    ymag += (shift.abs().max().item() if shift is not None else 0.0) + (res.abs().max().item() if res is not None else 0.0)
+    ymag += shift.abs().max().item() if shift is not None else 0.0
+    ymag += res.abs().max().item() if res is not None else 0.0
     _close(out, y, dtype, ymag)
     _check_stats(part, v, mag, _block_m())   # statistics are of conv + bias, before the epilogue
 
@@ -234,6 +244,137 @@ def test_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
+# operands: the weight consumed in place or re-laid once, the input padded to 16 channels
+
+def test_channels_last_weight_is_used_in_place():
+    wt = _rand(8, 32, 3, 3, fmt=torch.channels_last)
+    mat = kconv._weight_matrix(wt, 32)
+    assert mat.data_ptr() == wt.data_ptr() and mat.shape == (8, 3, 3, 32) and mat.is_contiguous()
+
+
+def test_weight_relayout_is_cached_until_it_changes(poison):
+    kconv.clear_weight_cache()
+    x = _rand(1, 16, 6, 6, fmt=torch.channels_last)
+    wt = _rand(8, 16, 3, 3)                         # NCHW weight: needs the (Cout, kh, kw, Cin) re-layout
+    first = kconv._weight_matrix(wt, 16)
+    assert kconv._weight_matrix(wt, 16) is first    # no re-layout on the next call
+    with torch.no_grad():
+        wt.mul_(-2.0)                                # in place: the version counter moves
+    again = kconv._weight_matrix(wt, 16)
+    assert again is not first
+    torch.testing.assert_close(again, wt.permute(0, 2, 3, 1), rtol=0, atol=0)
+    out, _ = conv2d_nhwc(x, wt, padding=1)           # the conv sees the new values
+    ref, mag = _ref(x, wt, None, 1, 1, 1)
+    _close(out, ref, torch.float32, mag)
+
+
+def test_weight_and_input_channel_padding():
+    wt = _rand(4, 3, 7, 7, fmt=torch.channels_last)
+    mat = kconv._weight_matrix(wt, 16)
+    assert mat.shape == (4, 7, 7, 16) and mat.is_contiguous()
+    torch.testing.assert_close(mat[..., :3], wt.permute(0, 2, 3, 1), rtol=0, atol=0)
+    assert torch.all(mat[..., 3:] == 0)
+    x = _rand(2, 3, 5, 4)
+    xp = kconv._input_nhwc(x, 16)
+    assert xp.shape == (2, 16, 5, 4) and xp.stride(1) == 1
+    assert torch.equal(xp[:, :3], x) and torch.all(xp[:, 3:] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_channels_last_weight_conv(poison, dtype):
+    x = _rand(1, 32, 7, 6, dtype=dtype, fmt=torch.channels_last)
+    wt = _rand(20, 32, 3, 3, dtype=dtype, fmt=torch.channels_last)
+    out, part = conv2d_nhwc(x, wt, stride=2, padding=1, want_stats=True)
+    ref, mag = _ref(x, wt, None, 2, 1, 1)
+    _close(out, ref, dtype, mag)
+    _check_stats(part, ref, mag, _block_m())
+
+
+# ---------------------------------------------------------------------------------------------
+# launch plan: config pruning, bucketed autotune key, the report tool's variants
+
+RESNET50_CASES = [  # every distinct conv of ResNet-50 (torchvision v1.5: stride on the 3x3): (Cin, H, Cout, k, s)
+    (3, 224, 64, 7, 2), (64, 56, 64, 1, 1), (64, 56, 64, 3, 1), (64, 56, 256, 1, 1), (256, 56, 64, 1, 1),
+    (256, 56, 128, 1, 1), (128, 56, 128, 3, 2), (128, 28, 512, 1, 1), (256, 56, 512, 1, 2), (512, 28, 128, 1, 1),
+    (128, 28, 128, 3, 1), (512, 28, 256, 1, 1), (256, 28, 256, 3, 2), (256, 14, 1024, 1, 1), (512, 28, 1024, 1, 2),
+    (1024, 14, 256, 1, 1), (256, 14, 256, 3, 1), (1024, 14, 512, 1, 1), (512, 14, 512, 3, 2), (512, 7, 2048, 1, 1),
+    (1024, 14, 2048, 1, 2), (2048, 7, 512, 1, 1), (512, 7, 512, 3, 1),
+]
+
+
+def _case(cin, h, cout, k, s, n=256):
+    return dict(name=f"{cin}x{h}-{cout}k{k}s{s}", n=n, cin=cin, h=h, w=h, cout=cout, kh=k, kw=k, stride=s,
+                pad=k // 2)
+
+
+@pytest.mark.parametrize("elem", [2, 4], ids=["16bit", "fp32"])
+def test_pruned_configs_fit(elem):
+    for cin, h, cout, k, s in RESNET50_CASES:
+        cin_p = kconv._cin_p(cin)
+        for limit in (ck.MAX_SHARED_SM90, 166912):          # H100/H200, A100
+            cfgs = ck.prune_configs(ck.GPU_CONFIGS, cin_p, cout, elem, limit)
+            assert cfgs, f"no config for Cin {cin} Cout {cout} ({elem}-byte data, {limit} B shared)"
+            for c in cfgs:
+                bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+                assert cin_p % bk == 0 and bn <= max(64, triton.next_power_of_2(cout))
+                assert ck.shared_bytes(ck.BLOCK_M_GPU, bn, bk, c.num_stages, elem) <= limit
+                assert ck.BLOCK_M_GPU * bn // (32 * c.num_warps) <= ck.ACC_REGS_MAX
+
+
+def test_autotune_key_is_bucketed():
+    assert "M" not in ck._conv_kernel_tuned.keys and "M_KEY" in ck._conv_kernel_tuned.keys
+    g = [kconv._geometry(n, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1)) for n in (170, 256, 400)]
+    assert g[0]["M_KEY"] == g[1]["M_KEY"] == triton.next_power_of_2(256 * 56 * 56) < g[2]["M_KEY"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_report_variants(dtype):
+    kernel = ck._conv_kernel
+    for cin, h, cout, k, s in [(64, 56, 64, 3, 1), (256, 56, 64, 1, 1), (3, 224, 64, 7, 2), (256, 56, 512, 1, 2)]:
+        case = _case(cin, h, cout, k, s)
+        vs = kconv.report_variants(case, dtype)
+        cin_p = kconv._cin_p(cin)
+        cfgs = ck.prune_configs(ck.GPU_CONFIGS, cin_p, cout, 4 if dtype == "fp32" else 2, ck.MAX_SHARED_SM90)
+        assert len(vs) == 3 * len(cfgs) > 0
+        assert {v["epilogue"] for v in vs} == {"stats", "folded", "folded_residual_relu"}
+        ho = (h + 2 * (k // 2) - k) // s + 1
+        m = 256 * ho * ho
+        for v in vs:
+            assert v["kernel"] == "_conv_kernel" and v["fn"] is kernel and v["role"] == "conv"
+            assert list(v["signature"]) == list(inspect.signature(kernel.fn).parameters)
+            assert v["signature"]["X"] == "*" + dtype and v["signature"]["PART"] == "*fp32"
+            assert all(v["signature"][a] == "constexpr" for a in v["constexprs"])
+            s2d = cin <= 4 and s == 2                      # the stem: space-to-depth, 4x4 stride 1, no padding
+            assert v["constexprs"]["BLOCK_M"] == ck.BLOCK_M_GPU and v["constexprs"]["KH"] == (4 if s2d else k)
+            assert v["constexprs"]["WANT_STATS"] == (v["epilogue"] == "stats")
+            assert v["constexprs"]["HAS_RES"] == (v["epilogue"] == "folded_residual_relu")
+            assert v["constexprs"]["MASK_HW"] == (k > 1 and not s2d)
+            assert v["signature"]["sxw"] == ("constexpr" if cin_p == 1 else "i32") and "sxw" in v["aligned"]
+            cfg = v["config"]
+            assert cfg["BLOCK_N"] == v["constexprs"]["BLOCK_N"] and cfg["BLOCK_K"] == v["constexprs"]["BLOCK_K"]
+            assert v["grid"] == math.ceil(m / ck.BLOCK_M_GPU) * math.ceil(cout / cfg["BLOCK_N"])
+            assert v["flops"] == 2 * m * cout * k * k * cin
+            es = 4 if dtype == "fp32" else 2
+            assert v["bytes"] >= (256 * h * h * cin + cout * k * k * cin + m * cout) * es
+    with pytest.raises(ValueError, match="dtype"):
+        kconv.report_variants(_case(64, 56, 64, 3, 1), "fp64")
+
+
+def test_warmup_restores_model_state():
+    from fastres.kernels.warmup import warmup
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model[0].weight.grad = torch.randn_like(model[0].weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grad = model[0].weight.grad.clone()
+    warmup(model, torch.randn(2, 3, 5, 5))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(model[0].weight.grad, grad) and model[1].weight.grad is None
+    assert model.training
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: real ResNet-50 shapes, batch 32, every dtype. The bound follows the project rule: at most
 # twice the error of PyTorch's own same-dtype convolution against the float64 reference (or the
 # dtype's tolerance, whichever is larger).
@@ -298,3 +439,60 @@ def test_gpu_fp32_tf32(poison, monkeypatch):
     ref, mag = _ref(x, wt, None, 1, 1, 1)
     err = (out.double() - ref).abs().max().item()
     assert err <= 2e-3 * mag   # TF32 keeps 10 mantissa bits of each operand
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_warmup_then_cuda_graph(poison):
+    """After one eager launch per autotune key (the warm-up), the convs capture in a CUDA graph and a
+    replay on new inputs gives exactly the eager result (same config, same deterministic epilogue)."""
+    bf16 = torch.bfloat16
+    x = _rand(64, 64, 28, 28, dtype=bf16, fmt=torch.channels_last)
+    wt = (_rand(64, 64, 3, 3) / 24).to(bf16).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(64, device=DEV) + 0.5, _rand(64)
+
+    def run():
+        z, part = conv2d_nhwc(x, wt, padding=1, want_stats=True)
+        y, _ = conv2d_nhwc(x, wt, padding=1, scale=scale, shift=shift, relu=True)
+        return z, part, y
+
+    run()                                   # warm-up: tunes both keys
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    x.copy_(_rand(*x.shape, dtype=bf16, fmt=torch.channels_last))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, run()):
+        assert torch.equal(got, want)
+    ref, mag = _gpu_check(captured[0], x, wt, None, 1, 1, bf16, "graph replay")
+    _check_stats(captured[1], ref, mag, kconv.BLOCK_M_GPU, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_bench_resnet50_vs_cudnn(capsys):
+    """Timing of every distinct ResNet-50 conv, batch 256, bf16 channels_last: ours (training epilogue:
+    conv + tile statistics) against cuDNN (F.conv2d, conv alone). Prints the ratios; asserts only that
+    our output agrees with cuDNN's within the bf16 tolerance."""
+    from triton.testing import do_bench
+    rows = []
+    for cin, h, cout, k, s in RESNET50_CASES:
+        x = _rand(256, cin, h, h, dtype=torch.bfloat16, fmt=torch.channels_last)
+        wt = (_rand(cout, cin, k, k) / math.sqrt(cin * k * k)).to(torch.bfloat16)
+        wt = wt.contiguous(memory_format=torch.channels_last)
+        ours, _ = conv2d_nhwc(x, wt, stride=s, padding=k // 2, want_stats=True)   # also tunes
+        theirs = F.conv2d(x, wt, None, s, k // 2)
+        err = (ours.float() - theirs.float()).abs().max().item()
+        assert err <= 2 * TOL[torch.bfloat16] * theirs.float().abs().max().item(), f"{cin}->{cout} k{k}: {err}"
+        t_ours = do_bench(lambda: conv2d_nhwc(x, wt, stride=s, padding=k // 2, want_stats=True))
+        t_cudnn = do_bench(lambda: F.conv2d(x, wt, None, s, k // 2))
+        tf = 2 * ours.numel() * cin * k * k / t_ours / 1e9
+        rows.append(f"{cin:5d}x{h:<3d} -> {cout:5d} k{k} s{s}: ours {t_ours * 1e3:8.1f} us ({tf:6.1f} TFLOP/s), "
+                    f"cuDNN {t_cudnn * 1e3:8.1f} us, cuDNN/ours {t_cudnn / t_ours:5.2f}")
+    with capsys.disabled():
+        print("\nResNet-50 convs, batch 256, bf16 channels_last (H-class GPU):\n" + "\n".join(rows))
