@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from fastres import data as fdata
 from fastres import train as ftrain
+from fastres import trainer as ftrainer
 
 # One thread per process: on a busy shared CPU, OpenMP threads competing for cores cost several-fold.
 THREADS = ["--threads", "1", "--no-progress"]
@@ -55,7 +56,8 @@ def test_paper_schedule():
     warm = [ftrain.lr_at(step, 100, 0.1, warmup=10) for step in (0, 9, 10)]
     assert warm == pytest.approx([0.01, 0.01, 0.1])
     a = ftrain.finish_args(ftrain.parser().parse_args([]))
-    assert (a.arch, a.data, a.lr, a.momentum, a.weight_decay, a.warmup_epochs) == ("resnet20", "digits", 0.1, 0.9, 1e-4, 0)
+    assert (a.arch, a.data, a.lr, a.momentum, a.weight_decay, a.warmup_epochs) == (
+        "resnet20", "digits", 0.1, 0.9, 1e-4, 0)
 
 
 def test_digits_split_is_fixed_and_normalised():
@@ -182,16 +184,16 @@ def test_resume_continues_as_if_uninterrupted(tmp_path, monkeypatch):
     full = ftrain.main(args + ["--out", str(tmp_path / "full")])
 
     # Interrupt the second run right after its first checkpoint was written.
-    real_save = ftrain.atomic_save
+    real_save = ftrainer.atomic_save
 
     def save_then_stop(obj, path):
         real_save(obj, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ftrain, "atomic_save", save_then_stop)
+    monkeypatch.setattr(ftrainer, "atomic_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         ftrain.main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(ftrain, "atomic_save", real_save)
+    monkeypatch.setattr(ftrainer, "atomic_save", real_save)
     assert [f for f in os.listdir(tmp_path / "cut") if f.startswith(".tmp")] == []
     resumed = ftrain.main(args + ["--out", str(tmp_path / "cut"), "--resume"])
 
