@@ -210,7 +210,7 @@ def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, ru
         got = f"{x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"conv_bn_act: expected a 4-D input (N, C, H, W), got {got} input")
     if not x.is_floating_point():
-        raise TypeError(f"conv_bn_act: expected a floating-point input (float32, float16 or bfloat16), "
+        raise TypeError(f"conv_bn_act: expected a floating-point input (float32, float16, bfloat16 or float64), "
                         f"got {x.dtype}")
     if weight.dim() != 4:
         raise ValueError(f"conv_bn_act: expected a 4-D weight (Cout, Cin/groups, kH, kW), got {weight.dim()}-D")
