@@ -9,8 +9,9 @@ from fastres.models import *  # noqa: F401,F403  (the model zoo; names in fastre
 from fastres.models import __all__ as _models_all
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
 from fastres.ops import conv_bn_act
+from fastres.unfuse import UnfuseReport, unfuse  # the name fastres.unfuse is the function
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendUnavailableError", "get_backend", "set_backend", "use_backend", "FusedConvBN2d",
-           "FusedConvBNReLU2d", "conv_bn_act", "convert", "ConversionReport", *_models_all]
+           "FusedConvBNReLU2d", "conv_bn_act", "convert", "ConversionReport", "unfuse", "UnfuseReport", *_models_all]

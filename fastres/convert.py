@@ -9,6 +9,10 @@ class of modules whose forward it can prove, to a subclass whose forward calls
 * torchvision's ResNet (the stem conv1 -> bn1 -> relu), BasicBlock and Bottleneck (every conv -> bn,
   the residual add and the ReLU; a downsample Sequential(conv, bn) too), exactly those classes: a
   subclass may have its own forward and is left alone.
+* timm's ResNet (stem, deep stems), BasicBlock and Bottleneck (fastres/convert_timm.py): every conv ->
+  bn fused, extras (se, drop_path, drop_block, aa, other activations) run as themselves in timm's order.
+* torchvision's FrozenBatchNorm2d counts as an eval-mode BatchNorm2d everywhere (detection backbones).
+* fastres models unfused by :func:`fastres.unfuse.unfuse` get their fused classes back.
 * nn.Sequential (exactly): its forward passes each child's output only to the next child, so
   consecutive (Conv2d, BatchNorm2d[, ReLU]) children are a provable chain. The fused Sequential finds
   its children by name at every call, so SyncBatchNorm conversion, ``.to()`` and replaced children
@@ -29,13 +33,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from fastres.models import cifar as _cifar, resnet as _fr
-from fastres.nn import FusedConvBN2d, conv_bn_act_modules, unfusable_reason
+from fastres.models import cifar as _cifar
+from fastres.models import resnet as _fr
+from fastres.nn import FusedConvBN2d, conv_bn_act_modules, is_frozen_bn, unfusable_reason
 
-__all__ = ["convert", "ConversionReport", "FusedSequential"]
+__all__ = ["convert", "ConversionReport", "FusedSequential", "run_chains"]
 
 log = logging.getLogger("fastres")
-
 
 
 @dataclasses.dataclass
@@ -85,7 +89,7 @@ def chain_at(mods: List[nn.Module], i: int) -> Tuple[int, Optional[str]]:
     if i + 1 >= len(mods):
         return 0, "the conv is the Sequential's last child: its output leaves the Sequential"
     nxt = mods[i + 1]
-    if not isinstance(nxt, nn.modules.batchnorm._NormBase):
+    if not isinstance(nxt, nn.modules.batchnorm._NormBase) and not is_frozen_bn(nxt):
         return 0, f"the conv is followed by {type(nxt).__name__}, not a BatchNorm2d"
     why = _pair_reason(mods[i], nxt)
     if why is not None:
@@ -100,17 +104,22 @@ class FusedSequential(nn.Sequential):
     Sequential after children are replaced (SyncBatchNorm conversion) or appended."""
 
     def forward(self, input):
-        mods = list(self._modules.values())
-        i = 0
-        while i < len(mods):
-            n, _ = chain_at(mods, i)
-            if n:
-                input = conv_bn_act_modules(input, mods[i], mods[i + 1], relu=n == 3)
-                i += n
-            else:
-                input = mods[i](input)
-                i += 1
-        return input
+        return run_chains(list(self._modules.values()), input)
+
+
+def run_chains(mods: List[nn.Module], x):
+    """nn.Sequential's forward over `mods` (each output goes only to the next module), with every
+    (Conv2d, BatchNorm2d[, ReLU]) run that chain_at() accepts run as one fused op."""
+    i = 0
+    while i < len(mods):
+        n, _ = chain_at(mods, i)
+        if n:
+            x = conv_bn_act_modules(x, mods[i], mods[i + 1], relu=n == 3)
+            i += n
+        else:
+            x = mods[i](x)
+            i += 1
+    return x
 
 
 # Fused subclasses of torchvision's classes, made on first use (torchvision is optional). They are
@@ -182,18 +191,37 @@ def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
     if _global_hooks():
         report.left_alone.append(("", "global module hooks are registered (the fused op would skip them)"))
         return _finish(model, report, verbose)
+    from fastres.convert_timm import convert_timm_module, timm_classes  # (they import this module)
+    from fastres.unfuse import refuse_classes
+
     tv = _torchvision_classes()
-    converted = tuple(tv.values())
+    timm = timm_classes()
+    plain = refuse_classes()
+    converted = tuple(tv.values()) + tuple(timm.values())
     covered = set()  # ids of convs accounted for in the report
     handled_ds = set()  # ids of downsample Sequentials a fused block runs itself
 
     for name, m in model.named_modules():
-        if isinstance(m, FusedConvBN2d):
+        if type(m) in plain:  # a fastres model unfused by fastres.unfuse: its fused class again
+            old = type(m).__name__
+            m.__class__ = plain[type(m)]
+            report.fused.append((name, f"fastres {old} -> {type(m).__name__}"))
+            if isinstance(m, FusedConvBN2d):
+                covered.add(id(m.conv))
+                continue
+        elif isinstance(m, FusedConvBN2d):
             covered.add(id(m.conv))
             report.fused.append((name, "already fused (FusedConvBN2d)"))
             continue
-        if isinstance(m, _FASTRES_FUSED) or isinstance(m, converted):
+        elif type(m) in timm or type(m) in timm.values():
+            convert_timm_module(name, m, timm, report, covered, handled_ds)
+            continue
+        elif isinstance(m, _FASTRES_FUSED) or isinstance(m, converted):
             report.fused.append((name, f"already fused ({type(m).__name__})"))
+        elif isinstance(m, tuple(timm)):
+            report.left_alone.append((name, f"{type(m).__name__} subclasses timm's "
+                                            f"{type(m).__mro__[1].__name__} and may have its own forward"))
+            continue
         elif type(m) in tv:
             why = _resnet_module_reason(m)
             if why is not None:
@@ -247,7 +275,7 @@ def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
         if isinstance(m, nn.Conv2d) and id(m) not in covered:
             covered.add(id(m))
             report.left_alone.append((name, "convert() cannot prove where this conv's output goes (only "
-                                            "nn.Sequential chains and torchvision ResNet modules are fused)"))
+                                            "nn.Sequential chains and torchvision / timm ResNet modules are fused)"))
     return _finish(model, report, verbose)
 
 
