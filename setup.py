@@ -141,7 +141,9 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "train": ["tqdm", "matplotlib", "scikit-learn", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "torchvision", "scikit-learn", "tqdm", "matplotlib", "pillow"],
+        # the drop-in tests run fastres under the tools users bring: timm, ONNX (+ onnxruntime), Lightning
+        "test": ["pytest", "pytest-benchmark", "torchvision", "scikit-learn", "tqdm", "matplotlib", "pillow",
+                 "ruff", "timm", "onnx", "onnxscript", "onnxruntime", "lightning"],
     },
     ext_modules=ext_modules,
     cmdclass=_Optional.wrap(cmdclass),
