@@ -4,9 +4,14 @@ This package stands alone: it imports nothing of fastres outside fastres.kernels
 be read, compiled and tested on their own. Importing the package itself does not import triton;
 its modules do.
 
-* conv.py      - implicit-GEMM conv2d over NHWC with the statistics / folded-BN epilogues
-* batchnorm.py - BatchNorm finalize, apply (+ residual, ReLU, bit mask) and backward
-* alloc.py     - output allocation with the poison switch tests use
+* conv.py               - host side of the implicit-GEMM conv2d over NHWC (statistics / folded-BN epilogues)
+* conv_kernel.py        - its @triton.jit kernel, autotune configs and pruning model
+* conv_s2d.py           - the 3-channel stem as a space-to-depth conv
+* batchnorm.py          - host side of BatchNorm finalize, apply (+ residual, ReLU, bit mask), backward
+* batchnorm_kernels.py  - their @triton.jit kernels
+* warmup.py             - tune every autotune key before CUDA-graph capture
+* report.py             - compiled-kernel report (python -m fastres.kernels.report): PTX, registers, spills
+* alloc.py              - output allocation with the poison switch tests use
 """
 import os
 

@@ -1,5 +1,7 @@
 """BatchNorm in Triton: statistics, finalize (+ running stats), apply (+ residual, ReLU, bit mask), backward.
 
+Host functions here (allocate, check, launch); the @triton.jit kernels are in batchnorm_kernels.py.
+
 Tensors are 4-D (N, C, H, W) and dense in one of two layouts: channels_last (NHWC, the layout the
 Triton conv writes) or contiguous (NCHW, for callers whose input is NCHW). Two views of them are used:
 * flat, for the elementwise kernels: element i of memory holds channel (i // C_INNER) % C, where
@@ -7,293 +9,94 @@ Triton conv writes) or contiguous (NCHW, for callers whose input is NCHW). Two v
 * rows x channels, for the per-channel reductions: row m = n*H*W + hw, channel c sits at element
   n*s_n + hw*s_hw + c*s_c (NHWC: s_n = H*W*C, s_hw = C, s_c = 1; NCHW: s_n = C*H*W, s_hw = 1, s_c = H*W).
 Data is fp32, fp16 or bf16; every sum and statistic is fp32. Reductions are deterministic: per-tile
-partials, merged in a fixed order (no atomics).
+partials, merged in a fixed order (no floating-point atomics) on a 2-D grid of (group of tiles, channel
+block) programs sized to fill the GPU (MERGE_PROGRAMS), the last program of each channel block
+merging the group rows (see batchnorm_kernels.py).
 
 Host functions (same names, argument order and meaning as the CUDA C++ ops fastres::bn_*):
   bn_finalize(partials, running_mean, running_var, momentum, eps) -> (mean, invstd)
+  bn_partials(z)                                                  -> partials (T, 3, C)
   bn_stats(z, running_mean, running_var, momentum, eps)           -> (mean, invstd)
   bn_apply(z, mean, invstd, weight, bias, residual, relu, save_mask) -> (y, mask)
   bn_backward(grad_y, z, mask, mean, invstd, weight, training, relu, need_dres) -> (dz, dgamma, dbeta, dres)
   pack_mask(y) -> mask  (the bit mask of y > 0 alone, for eval-mode forwards whose y comes from the conv)
 The bit mask layout is fastres.layout.pack_relu_mask: bit i % 8 of byte i // 8 is y_i > 0, i the
-element's position in memory order.
+element's position in memory order. Every launch runs under the CUDA device of its tensors.
+
+report_variants(case, dtype) describes, for the report tool (report.py), every launch these host
+functions make after a conv of a given shape.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
 from fastres.kernels.alloc import empty
+from fastres.kernels.batchnorm_kernels import (
+    _apply_kernel,
+    _bwd_dz_kernel,
+    _bwd_reduce_kernel,
+    _bwd_tile_kernel,
+    _finalize_kernel,
+    _pack_mask_kernel,
+    _tile_stats_kernel,
+)
 
 Tensor = torch.Tensor
 
-# Block sizes (module-level so tests can shrink them to force several tiles and ragged edges).
+# Block sizes (module-level so tests can shrink them to force several tiles, groups and ragged edges).
 FLAT_BLOCK = 1024      # elements per program of the elementwise kernels (a multiple of 8)
-TILE_ELEMS = 4096      # rows * channels per program of the reduction kernels
-MAX_BLOCK_C = 64       # channels per program of the reduction kernels
-BLOCK_T = 32           # partial rows merged per step by the finalize / reduce kernels
+TILE_ELEMS = 4096      # rows * channels per program of the tile reduction kernels
+MAX_BLOCK_C = 64       # channels per program of the reduction and merge kernels
+BLOCK_T = 32           # partial rows merged per step by the merge kernels
+MERGE_PROGRAMS = 528   # programs a merge launch aims at: 4 per SM of a 132-SM H100 / H200
+NUM_WARPS = 4          # every launch (Triton's default, written out so the report compiles the same)
+NUM_STAGES = 3
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LAUNCH = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-# ----------------------------------------------------------------------------------------------
-# kernels
-# ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _tile_stats_kernel(
-    z_ptr,        # in:  data (fp32/fp16/bf16), dense NHWC or NCHW
-    part_ptr,     # out: fp32 (T, 3, C) per row tile: [count, mean, M2] of each channel
-    M, C, HW,     # rows (N*H*W), channels, H*W
-    s_n, s_hw, s_c,  # element strides of batch, spatial position, channel
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,  # rows per tile (T = cdiv(M, BLOCK_M)), channels per program
-):
-    """Program (tile t, channel block): two-pass mean and M2 over BLOCK_M rows of BLOCK_C channels."""
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
-    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < M
-    cmask = cols < C
-    m = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
-    roff = (rows64 // HW) * s_n + (rows64 % HW) * s_hw
-    off = roff[:, None] + cols[None, :].to(tl.int64) * s_c
-    x = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-    cnt = tl.sum(rmask.to(tl.float32), axis=0)       # the same for every channel
-    mean = tl.sum(x, axis=0) / cnt
-    d = tl.where(m, x - mean[None, :], 0.0)
-    m2 = tl.sum(d * d, axis=0)
-    base = part_ptr + t.to(tl.int64) * 3 * C + cols
-    tl.store(base, cnt + tl.zeros([BLOCK_C], tl.float32), mask=cmask)
-    tl.store(base + C, mean, mask=cmask)
-    tl.store(base + 2 * C, m2, mask=cmask)
+def _on_device(t: Tensor):
+    """Context running a launch on t's CUDA device (Triton launches on the current device); no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@triton.jit
-def _finalize_kernel(
-    part_ptr,              # in:  fp32 (T, 3, C) rows [count, mean, M2] per tile
-    mean_ptr, invstd_ptr,  # out: fp32 (C,) batch mean, 1 / sqrt(biased var + eps)
-    rmean_ptr, rvar_ptr,   # in/out: running_mean / running_var (C,), any float dtype (if HAS_RUNNING)
-    T, C,                  # number of tiles, channels
-    momentum, eps,         # effective update factor, BatchNorm eps
-    HAS_RUNNING: tl.constexpr,  # update the running statistics
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,  # tiles merged per step, channels per program
-):
-    """Chan's parallel merge of the tiles' (count, mean, M2), BLOCK_T tiles at a time, in tile order.
+# ---- launch plans: grid and meta-parameters of every launch (also read by report_variants) ------
 
-    A block of tiles is first combined exactly (count = sum n_i, mean = sum n_i mean_i / count,
-    M2 = sum (M2_i + n_i (mean_i - mean)^2)), then merged into the running result:
-    delta = mean_b - mean_a, mean = mean_a + delta n_b / n, M2 = M2_a + M2_b + delta^2 n_a n_b / n.
-    """
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    acc_n = tl.zeros([BLOCK_C], tl.float32)
-    acc_mean = tl.zeros([BLOCK_C], tl.float32)
-    acc_m2 = tl.zeros([BLOCK_C], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
-        m = (ts < T)[:, None] & cmask[None, :]
-        off = ts.to(tl.int64)[:, None] * 3 * C + cols[None, :]
-        n = tl.load(part_ptr + off, mask=m, other=0.0)
-        mu = tl.load(part_ptr + off + C, mask=m, other=0.0)
-        m2 = tl.load(part_ptr + off + 2 * C, mask=m, other=0.0)
-        bn = tl.sum(n, axis=0)
-        bmean = tl.sum(n * mu, axis=0) / tl.maximum(bn, 1.0)
-        d = mu - bmean[None, :]
-        bm2 = tl.sum(m2 + n * d * d, axis=0)
-        tot = acc_n + bn
-        safe = tl.maximum(tot, 1.0)
-        delta = bmean - acc_mean
-        acc_mean = acc_mean + delta * (bn / safe)
-        acc_m2 = acc_m2 + bm2 + delta * delta * (acc_n * bn / safe)
-        acc_n = tot
-    var = acc_m2 / tl.maximum(acc_n, 1.0)   # acc_n >= 1 for every real channel
-    tl.store(mean_ptr + cols, acc_mean, mask=cmask)
-    tl.store(invstd_ptr + cols, tl.rsqrt(var + eps), mask=cmask)
-    if HAS_RUNNING:
-        unbiased = var * (acc_n / tl.maximum(acc_n - 1.0, 1.0))
-        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0)
-        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0)
-        new_rm = (1.0 - momentum) * rm.to(tl.float32) + momentum * acc_mean
-        new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * unbiased
-        tl.store(rmean_ptr + cols, new_rm.to(rmean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rvar_ptr + cols, new_rv.to(rvar_ptr.dtype.element_ty), mask=cmask)
+def _reduce_plan(m: int, c: int):
+    """((tiles, channel blocks), meta) of the tile kernels over an (m rows, c channels) tensor."""
+    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
+    block_m = min(triton.next_power_of_2(m), max(1, TILE_ELEMS // block_c))
+    return (triton.cdiv(m, block_m), triton.cdiv(c, block_c)), dict(BLOCK_M=block_m, BLOCK_C=block_c)
 
 
-@triton.jit
-def _apply_kernel(
-    z_ptr,                 # in:  data, dense NHWC or NCHW (flat view)
-    mean_ptr, invstd_ptr,  # in:  fp32 (C,)
-    w_ptr, b_ptr,          # in:  gamma, beta (C,), any float dtype (read only if HAS_W / HAS_B)
-    res_ptr,               # in:  residual, same dtype and layout as z (read only if HAS_RES)
-    y_ptr,                 # out: y, same dtype and layout as z
-    mask_ptr,              # out: uint8 (ceil(numel / 8),) packed ReLU mask (written only if SAVE_MASK)
-    numel, C, C_INNER,     # elements, channels, channel period of the flat view (1 NHWC, H*W NCHW)
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,  # affine weight / bias present
-    HAS_RES: tl.constexpr, RELU: tl.constexpr,  # add the residual, apply the ReLU
-    SAVE_MASK: tl.constexpr,                    # write the packed ReLU mask
-    BLOCK: tl.constexpr,                        # elements per program, a multiple of 8
-):
-    """y = act(z * scale + shift (+ residual)), scale = gamma * invstd, shift = beta - mean * scale.
-    BLOCK is a multiple of 8 so each program owns whole mask bytes."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < numel
-    c = (offs // C_INNER) % C
-    z = tl.load(z_ptr + offs, mask=inb, other=0.0)
-    scale = tl.load(invstd_ptr + c, mask=inb, other=0.0)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=inb, other=0.0).to(tl.float32)
-    shift = -tl.load(mean_ptr + c, mask=inb, other=0.0) * scale
-    if HAS_B:
-        shift = shift + tl.load(b_ptr + c, mask=inb, other=0.0).to(tl.float32)
-    y = z.to(tl.float32) * scale + shift
-    if HAS_RES:
-        y = y + tl.load(res_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # ReLU that keeps NaN, as torch.relu (maximum would drop it)
-    y = y.to(z.dtype)
-    tl.store(y_ptr + offs, y, mask=inb)
-    if SAVE_MASK:
-        _store_bits(mask_ptr, y, inb, pid, numel, BLOCK)
+def _merge_plan(t: int, c: int):
+    """((groups, channel blocks), meta, chunk) of the merge kernels over t partial rows of c channels:
+    groups of `chunk` consecutive rows, enough of them for about MERGE_PROGRAMS programs (fewer only
+    when t * channel blocks is smaller)."""
+    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
+    cblocks = triton.cdiv(c, block_c)
+    chunk = triton.cdiv(t, min(t, triton.cdiv(MERGE_PROGRAMS, cblocks)))
+    return (triton.cdiv(t, chunk), cblocks), dict(BLOCK_T=BLOCK_T, BLOCK_C=block_c), chunk
 
 
-@triton.jit
-def _store_bits(mask_ptr, y, inb, pid, numel, BLOCK: tl.constexpr):
-    """Pack (y > 0) of this program's BLOCK elements into BLOCK // 8 bytes, bit j of byte k = element 8k + j."""
-    pos = ((y > 0) & inb).to(tl.int32)
-    bits = tl.reshape(pos, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :]
-    byte = tl.sum(bits, axis=1).to(tl.uint8)
-    boffs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-    tl.store(mask_ptr + boffs, byte, mask=boffs < (numel + 7) // 8)
+def _flat_plan(numel: int):
+    """((programs,), meta) of the elementwise kernels."""
+    return (triton.cdiv(numel, FLAT_BLOCK),), dict(BLOCK=FLAT_BLOCK)
 
 
-@triton.jit
-def _pack_mask_kernel(
-    y_ptr,        # in:  data, any float dtype, flat
-    mask_ptr,     # out: uint8 (ceil(numel / 8),)
-    numel,        # elements
-    BLOCK: tl.constexpr,  # elements per program, a multiple of 8
-):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < numel
-    y = tl.load(y_ptr + offs, mask=inb, other=0.0)
-    _store_bits(mask_ptr, y, inb, pid, numel, BLOCK)
+def _merge_workspace(t: int, c: int, width: int, dev):
+    """(grid, meta, chunk, ws, counter) of a merge launch: ws fp32 (G, width, C), counter int32 zeros."""
+    grid, meta, chunk = _merge_plan(t, c)
+    ws = empty((grid[0], width, c), dtype=torch.float32, device=dev)
+    return grid, meta, chunk, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev)
 
 
-# Backward of y = act(gamma * xhat + beta + residual), xhat = (z - mean) * invstd, per channel over the
-# n = N*H*W positions of z:
-#   g      = dL/dy where y > 0 (bit mask) when act is ReLU, else dL/dy      -> dresidual = g
-#   dbeta  = sum g,  dgamma = sum g * xhat
-#   eval:      mean and invstd are constants:  dz = gamma * invstd * g
-#   training:  mean and invstd depend on z.  With dxhat = gamma * g, d mean/dz_i = 1/n and
-#              d invstd/dz_i = -invstd^3 (z_i - mean) / n, so
-#              dz = invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-#                 = gamma * invstd * (g - dbeta / n - xhat * dgamma / n).
-# Pass 1 (_bwd_tile_kernel) writes per-tile partial sums of g and g * xhat; pass 2 (_bwd_reduce_kernel)
-# adds the tiles in order (deterministic) into dbeta and dgamma; pass 3 (_bwd_dz_kernel) writes dz
-# (and dresidual) elementwise.
-@triton.jit
-def _bwd_tile_kernel(
-    g_ptr, z_ptr,          # in:  dL/dy and z, same dtype and dense layout
-    mask_ptr,              # in:  uint8 packed ReLU mask of y (read only if RELU)
-    mean_ptr, invstd_ptr,  # in:  fp32 (C,)
-    part_ptr,              # out: fp32 (T, 2, C) per row tile: [sum g, sum g * xhat]
-    M, C, HW,              # rows (N*H*W), channels, H*W
-    s_n, s_hw, s_c,        # element strides of batch, spatial position, channel (also the mask bit index)
-    RELU: tl.constexpr,                               # mask g by the packed ReLU mask
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,     # rows per tile, channels per program
-):
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    cmask = cols < C
-    m = (rows < M)[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
-    off = ((rows64 // HW) * s_n + (rows64 % HW) * s_hw)[:, None] + cols[None, :].to(tl.int64) * s_c
-    g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-    if RELU:
-        byte = tl.load(mask_ptr + (off >> 3), mask=m, other=0).to(tl.int32)
-        g = tl.where(((byte >> (off & 7).to(tl.int32)) & 1) != 0, g, 0.0)
-    z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    xhat = (z - mean[None, :]) * invstd[None, :]
-    base = part_ptr + t.to(tl.int64) * 2 * C + cols
-    tl.store(base, tl.sum(g, axis=0), mask=cmask)
-    tl.store(base + C, tl.sum(g * xhat, axis=0), mask=cmask)
-
-
-@triton.jit
-def _bwd_reduce_kernel(
-    part_ptr,              # in:  fp32 (T, 2, C) per-tile [sum g, sum g * xhat]
-    dbeta_ptr, dgamma_ptr,  # out: fp32 (C,) sum g, sum g * xhat
-    T, C,                  # number of tiles, channels
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,  # tiles added per step, channels per program
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sg = tl.zeros([BLOCK_C], tl.float32)
-    sgx = tl.zeros([BLOCK_C], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
-        m = (ts < T)[:, None] & cmask[None, :]
-        off = ts.to(tl.int64)[:, None] * 2 * C + cols[None, :]
-        sg += tl.sum(tl.load(part_ptr + off, mask=m, other=0.0), axis=0)
-        sgx += tl.sum(tl.load(part_ptr + off + C, mask=m, other=0.0), axis=0)
-    tl.store(dbeta_ptr + cols, sg, mask=cmask)
-    tl.store(dgamma_ptr + cols, sgx, mask=cmask)
-
-
-@triton.jit
-def _bwd_dz_kernel(
-    g_ptr, z_ptr,          # in:  dL/dy and z (z read only if TRAINING), same dtype and layout, flat
-    mask_ptr,              # in:  uint8 packed ReLU mask (read only if RELU)
-    mean_ptr, invstd_ptr,  # in:  fp32 (C,)
-    w_ptr,                 # in:  gamma (C,), any float dtype (read only if HAS_W)
-    sg_ptr, sgx_ptr,       # in:  fp32 (C,) sum g, sum g * xhat (read only if TRAINING)
-    dz_ptr,                # out: dL/dz, z's dtype and layout
-    dres_ptr,              # out: g, z's dtype and layout (written only if NEED_DRES)
-    numel, C, C_INNER,     # elements, channels, channel period of the flat view
-    inv_n,                 # 1 / (N*H*W)
-    HAS_W: tl.constexpr,     # affine weight present
-    TRAINING: tl.constexpr,  # batch statistics (full formula) or running statistics (dz = scale * g)
-    RELU: tl.constexpr,      # mask g by the packed ReLU mask
-    NEED_DRES: tl.constexpr,  # write dresidual = g
-    BLOCK: tl.constexpr,     # elements per program
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < numel
-    c = (offs // C_INNER) % C
-    graw = tl.load(g_ptr + offs, mask=inb, other=0.0)
-    g = graw.to(tl.float32)
-    if RELU:
-        byte = tl.load(mask_ptr + (offs >> 3), mask=inb, other=0).to(tl.int32)
-        g = tl.where(((byte >> (offs & 7).to(tl.int32)) & 1) != 0, g, 0.0)
-    scale = tl.load(invstd_ptr + c, mask=inb, other=0.0)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=inb, other=0.0).to(tl.float32)
-    if TRAINING:
-        z = tl.load(z_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        xhat = (z - tl.load(mean_ptr + c, mask=inb, other=0.0)) * tl.load(invstd_ptr + c, mask=inb, other=0.0)
-        sg = tl.load(sg_ptr + c, mask=inb, other=0.0)
-        sgx = tl.load(sgx_ptr + c, mask=inb, other=0.0)
-        dz = scale * (g - sg * inv_n - xhat * (sgx * inv_n))
-    else:
-        dz = scale * g
-    tl.store(dz_ptr + offs, dz.to(graw.dtype), mask=inb)
-    if NEED_DRES:
-        tl.store(dres_ptr + offs, g.to(graw.dtype), mask=inb)
-
-
-# ----------------------------------------------------------------------------------------------
-# host functions
-# ----------------------------------------------------------------------------------------------
+# ---- argument checks ----------------------------------------------------------------------------
 
 def _fmt(t: Tensor) -> torch.memory_format:
     """The dense layout of a 4-D tensor (contiguous wins when both hold: then they coincide)."""
@@ -350,11 +153,9 @@ def _like(t: Tensor, name: str, ref: Tensor) -> Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _reduce_blocks(m: int, c: int) -> Tuple[int, int]:
-    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-    block_m = min(triton.next_power_of_2(m), max(1, TILE_ELEMS // block_c))
-    return block_m, block_c
 
+
+# ---- host functions -----------------------------------------------------------------------------
 
 def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 momentum: float, eps: float) -> Tuple[Tensor, Tensor]:
@@ -371,14 +172,16 @@ def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: O
         raise ValueError("bn_finalize: running_mean and running_var must be given together")
     _check_vec("running_mean", running_mean, c, dev)
     _check_vec("running_var", running_var, c, dev)
-    mean = empty((c,), dtype=torch.float32, device=dev)
-    invstd = empty((c,), dtype=torch.float32, device=dev)
     has_running = running_mean is not None
-    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-    _finalize_kernel[(triton.cdiv(c, block_c),)](
-        partials, mean, invstd, running_mean if has_running else mean, running_var if has_running else invstd,
-        t, c, float(momentum), float(eps),
-        HAS_RUNNING=has_running, BLOCK_T=BLOCK_T, BLOCK_C=block_c)
+    with _on_device(partials):
+        mean = empty((c,), dtype=torch.float32, device=dev)
+        invstd = empty((c,), dtype=torch.float32, device=dev)
+        grid, meta, chunk, ws, counter = _merge_workspace(t, c, 3, dev)
+        _finalize_kernel[grid](
+            partials, ws, counter, mean, invstd,
+            running_mean if has_running else mean, running_var if has_running else invstd,
+            t, c, grid[0], chunk, float(momentum), float(eps),
+            HAS_RUNNING=has_running, **meta, **_LAUNCH)
     return mean, invstd
 
 
@@ -386,11 +189,10 @@ def bn_partials(z: Tensor) -> Tensor:
     """fp32 (T, 3, C) per-row-tile [count, mean, M2] of a dense NHWC/NCHW tensor."""
     _check_data("z", z)
     m, c, hw, (s_n, s_hw, s_c), _ = _geometry(z)
-    block_m, block_c = _reduce_blocks(m, c)
-    t = triton.cdiv(m, block_m)
-    part = empty((t, 3, c), dtype=torch.float32, device=z.device)
-    _tile_stats_kernel[(t, triton.cdiv(c, block_c))](
-        z, part, m, c, hw, s_n, s_hw, s_c, BLOCK_M=block_m, BLOCK_C=block_c)
+    grid, meta = _reduce_plan(m, c)
+    with _on_device(z):
+        part = empty((grid[0], 3, c), dtype=torch.float32, device=z.device)
+        _tile_stats_kernel[grid](z, part, m, c, hw, s_n, s_hw, s_c, **meta, **_LAUNCH)
     return part
 
 
@@ -418,15 +220,17 @@ def bn_apply(z: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], 
         residual = _like(residual, "residual", z)
     _, _, _, _, c_inner = _geometry(z)
     numel = z.numel()
-    y = empty(z.shape, dtype=z.dtype, device=dev, memory_format=_fmt(z))
     save = bool(relu and save_mask)
-    mask = empty(((numel + 7) // 8 if save else 0,), dtype=torch.uint8, device=dev)
-    _apply_kernel[(triton.cdiv(numel, FLAT_BLOCK),)](
-        z, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
-        residual if residual is not None else z, y, mask if save else y,
-        numel, c, c_inner,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-        SAVE_MASK=save, BLOCK=FLAT_BLOCK)
+    grid, meta = _flat_plan(numel)
+    with _on_device(z):
+        y = empty(z.shape, dtype=z.dtype, device=dev, memory_format=_fmt(z))
+        mask = empty(((numel + 7) // 8 if save else 0,), dtype=torch.uint8, device=dev)
+        _apply_kernel[grid](
+            z, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
+            residual if residual is not None else z, y, mask if save else y,
+            numel, c, c_inner,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+            SAVE_MASK=save, **meta, **_LAUNCH)
     return y, mask
 
 
@@ -435,16 +239,18 @@ def pack_mask(y: Tensor) -> Tensor:
     _check_data("y", y)
     _fmt(y)
     numel = y.numel()
-    mask = empty(((numel + 7) // 8,), dtype=torch.uint8, device=y.device)
-    _pack_mask_kernel[(triton.cdiv(numel, FLAT_BLOCK),)](y, mask, numel, BLOCK=FLAT_BLOCK)
+    grid, meta = _flat_plan(numel)
+    with _on_device(y):
+        mask = empty(((numel + 7) // 8,), dtype=torch.uint8, device=y.device)
+        _pack_mask_kernel[grid](y, mask, numel, **meta, **_LAUNCH)
     return mask
 
 
 def bn_backward(grad_y: Tensor, z: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
                 training: bool, relu: bool, need_dres: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dz, dgamma, dbeta, dres) of y = act(weight * (z - mean) * invstd + bias (+ residual)); see the
-    comment above _bwd_tile_kernel. dz and dres in z's dtype and layout (dres empty unless need_dres),
-    dgamma and dbeta fp32. grad_y is brought to z's layout (a copy only if it differs)."""
+    comment above _bwd_tile_kernel (batchnorm_kernels.py). dz and dres in z's dtype and layout (dres
+    empty unless need_dres), dgamma and dbeta fp32. grad_y is brought to z's layout (a copy only if it differs)."""
     _check_data("z", z)
     _fmt(z)
     grad_y = _like(grad_y, "grad_y", z)
@@ -461,23 +267,98 @@ def bn_backward(grad_y: Tensor, z: Tensor, mask: Tensor, mean: Tensor, invstd: T
         if mask.device != dev:
             raise RuntimeError(f"bn_backward: expected mask on {dev}, got {mask.device}")
     m, _, hw, (s_n, s_hw, s_c), c_inner = _geometry(z)
-    block_m, block_c = _reduce_blocks(m, c)
-    t = triton.cdiv(m, block_m)
-    part = empty((t, 2, c), dtype=torch.float32, device=dev)
+    tile_grid, tile_meta = _reduce_plan(m, c)
+    t = tile_grid[0]
     mask_arg = mask if relu else z
-    _bwd_tile_kernel[(t, triton.cdiv(c, block_c))](
-        grad_y, z, mask_arg, mean, invstd, part, m, c, hw, s_n, s_hw, s_c,
-        RELU=bool(relu), BLOCK_M=block_m, BLOCK_C=block_c)
-    dbeta = empty((c,), dtype=torch.float32, device=dev)
-    dgamma = empty((c,), dtype=torch.float32, device=dev)
-    _bwd_reduce_kernel[(triton.cdiv(c, block_c),)](part, dbeta, dgamma, t, c, BLOCK_T=BLOCK_T, BLOCK_C=block_c)
     fmt = _fmt(z)
-    dz = empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
-    dres = empty(z.shape if need_dres else (0,), dtype=z.dtype, device=dev, memory_format=fmt if need_dres
-                 else torch.contiguous_format)
-    _bwd_dz_kernel[(triton.cdiv(numel, FLAT_BLOCK),)](
-        grad_y, z, mask_arg, mean, invstd, weight if weight is not None else mean, dbeta, dgamma,
-        dz, dres if need_dres else dz, numel, c, c_inner, 1.0 / m,
-        HAS_W=weight is not None, TRAINING=bool(training), RELU=bool(relu), NEED_DRES=bool(need_dres),
-        BLOCK=FLAT_BLOCK)
+    with _on_device(z):
+        part = empty((t, 2, c), dtype=torch.float32, device=dev)
+        _bwd_tile_kernel[tile_grid](
+            grad_y, z, mask_arg, mean, invstd, part, m, c, hw, s_n, s_hw, s_c,
+            RELU=bool(relu), **tile_meta, **_LAUNCH)
+        dbeta = empty((c,), dtype=torch.float32, device=dev)
+        dgamma = empty((c,), dtype=torch.float32, device=dev)
+        grid, meta, chunk, ws, counter = _merge_workspace(t, c, 2, dev)
+        _bwd_reduce_kernel[grid](part, ws, counter, dbeta, dgamma, t, c, grid[0], chunk, **meta, **_LAUNCH)
+        dz = empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
+        dres = empty(z.shape if need_dres else (0,), dtype=z.dtype, device=dev,
+                     memory_format=fmt if need_dres else torch.contiguous_format)
+        flat_grid, flat_meta = _flat_plan(numel)
+        _bwd_dz_kernel[flat_grid](
+            grad_y, z, mask_arg, mean, invstd, weight if weight is not None else mean, dbeta, dgamma,
+            dz, dres if need_dres else dz, numel, c, c_inner, 1.0 / m,
+            HAS_W=weight is not None, TRAINING=bool(training), RELU=bool(relu), NEED_DRES=bool(need_dres),
+            **flat_meta, **_LAUNCH)
     return dz, dgamma, dbeta, dres
+
+
+# ---- report (python -m fastres.kernels.report) ----------------------------------------------------
+
+def report_variants(case: dict, dtype: str) -> list:
+    """Every launch the host functions above make on the NHWC output (n, cout, Ho, Wo) of the conv `case`
+    (a fastres.kernels.report.RESNET50_CASES entry), data dtype `dtype` ("bf16", "fp16", "fp32"; BN
+    parameters and running statistics fp32, as under autocast), in the variant format of report.py.
+    bytes / flops are each launch's minimum traffic and a count of its arithmetic per element."""
+    from fastres.kernels import report as rep  # lazy: report imports this module
+
+    ho, wo = rep.conv_out_hw(case)
+    c, hw = case["cout"], ho * wo
+    m = case["n"] * hw
+    numel, es = m * c, rep.ELEM_BYTES[dtype]
+    d, f = "*" + dtype, "*fp32"
+    geo = dict(M=m, C=c, HW=hw, s_n=hw * c, s_hw=c, s_c=1)          # NHWC, as the Triton conv writes
+    flat = dict(numel=numel, C=c, C_INNER=1)
+    out = []
+
+    def add(fn, role, epilogue, grid, meta, ptrs, ints, nbytes, flops, floats=(), flags=None):
+        out.append(rep.describe(fn, role=role, epilogue=epilogue, meta=meta, flags=flags, ptrs=ptrs, ints=ints,
+                                floats=floats, grid=grid[0] * (grid[1] if len(grid) > 1 else 1),
+                                nbytes=nbytes, flops=flops, num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+
+    # forward statistics: bn_partials (bn_stats) and the finalize of the conv's own partials
+    tgrid, tmeta = _reduce_plan(m, c)
+    add(_tile_stats_kernel, "bn_reduce", "bn_partials", tgrid, tmeta, dict(z_ptr=d, part_ptr=f), geo,
+        numel * es + tgrid[0] * 3 * c * 4, 4 * numel)
+    try:
+        from fastres.kernels.conv import BLOCK_M_GPU as conv_block_m  # rows per conv statistics tile
+    except ImportError:
+        conv_block_m = 128
+    for src, t in (("conv partials", triton.cdiv(m, conv_block_m)), ("bn_partials", tgrid[0])):
+        grid, meta, chunk = _merge_plan(t, c)
+        for running in (True, False):
+            ptrs = dict(part_ptr=f, ws_ptr=f, count_ptr="*i32", mean_ptr=f, invstd_ptr=f, rmean_ptr=f, rvar_ptr=f)
+            add(_finalize_kernel, "bn_merge", f"{src}{', running stats' if running else ''}", grid, meta, ptrs,
+                dict(T=t, C=c, G=grid[0], CHUNK=chunk), (t + 2 * grid[0]) * 3 * c * 4 + (6 if running else 2) * c * 4,
+                12 * t * c, floats=("momentum", "eps"), flags=dict(HAS_RUNNING=running))
+            if src == "bn_partials":
+                break   # bn_stats: the same code at another grid, running stats on
+    # forward apply (training: z -> y, optional residual, ReLU and mask for the backward)
+    fgrid, fmeta = _flat_plan(numel)
+    vec = dict(mean_ptr=f, invstd_ptr=f, w_ptr=f, b_ptr=f)
+    for label, res, relu in (("relu+mask", False, True), ("add+relu+mask", True, True), ("plain", False, False)):
+        add(_apply_kernel, "bn_elementwise", label, fgrid, fmeta,
+            dict(vec, z_ptr=d, res_ptr=d, y_ptr=d, mask_ptr="*u8"), flat,
+            numel * es * (2 + res) + (numel // 8 if relu else 0) + 4 * c * 4, numel * (2 + res + relu),
+            flags=dict(HAS_W=True, HAS_B=True, HAS_RES=res, RELU=relu, SAVE_MASK=relu))
+    add(_pack_mask_kernel, "bn_elementwise", "mask of y", fgrid, fmeta, dict(y_ptr=d, mask_ptr="*u8"),
+        dict(numel=numel), numel * es + numel // 8, numel)
+    # backward: tile sums, their merge, dz
+    bgrid, bmeta = _reduce_plan(m, c)
+    for relu in (True, False):
+        add(_bwd_tile_kernel, "bn_reduce", "relu mask" if relu else "plain", bgrid, bmeta,
+            dict(g_ptr=d, z_ptr=d, mask_ptr="*u8", mean_ptr=f, invstd_ptr=f, part_ptr=f), geo,
+            2 * numel * es + (numel // 8 if relu else 0) + bgrid[0] * 2 * c * 4, 6 * numel, flags=dict(RELU=relu))
+    grid, meta, chunk = _merge_plan(bgrid[0], c)
+    add(_bwd_reduce_kernel, "bn_merge", "dgamma, dbeta", grid, meta,
+        dict(part_ptr=f, ws_ptr=f, count_ptr="*i32", dbeta_ptr=f, dgamma_ptr=f),
+        dict(T=bgrid[0], C=c, G=grid[0], CHUNK=chunk), (bgrid[0] + 2 * grid[0]) * 2 * c * 4 + 2 * c * 4,
+        2 * bgrid[0] * c)
+    ptrs = dict(g_ptr=d, z_ptr=d, mask_ptr="*u8", mean_ptr=f, invstd_ptr=f, w_ptr=f, sg_ptr=f, sgx_ptr=f,
+                dz_ptr=d, dres_ptr=d)
+    for label, training, relu, dres in (("train, relu, dres", True, True, True), ("train, relu", True, True, False),
+                                        ("train, plain", True, False, False), ("eval, relu", False, True, False)):
+        add(_bwd_dz_kernel, "bn_elementwise", label, fgrid, fmeta, ptrs, flat,
+            numel * es * (2 + training + dres) + (numel // 8 if relu else 0) + 6 * c * 4,
+            numel * (8 if training else 2), floats=("inv_n",),
+            flags=dict(HAS_W=True, TRAINING=training, RELU=relu, NEED_DRES=dres))
+    return out
