@@ -182,7 +182,7 @@ def imagefolder(data_dir: Optional[str], size: int, limit_train: Optional[int] =
         if unknown:
             raise DataError(f"{test_dir} has classes missing from {train_dir}: {', '.join(unknown[:5])}")
         remap = {i: classes.index(c) for i, c in enumerate(test_classes)}
-        test = [(p, remap[l]) for p, l in test]
+        test = [(p, remap[label]) for p, label in test]
     else:
         classes, samples = _class_tree(data_dir)
         order = np.random.default_rng(0).permutation(len(samples))

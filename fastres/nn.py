@@ -10,8 +10,10 @@ parameters and buffers, so state_dicts, optimizers, ``.half()``, ``.to(memory_fo
 Cases the fused op does not express run the same modules unfused, and say so (DEBUG log on the
 ``fastres`` logger, counted in fastres.backend.calls as ("conv_bn_act", "forward", "unfused")):
 a conv whose padding_mode is not "zeros" or whose padding is a string, a BatchNorm that is not a
-BatchNorm2d, a subclass with its own forward (the fused op would skip it), and SyncBatchNorm while training across several processes (its statistics need a
-collective; the conv and BN then run as the two modules, still exact).
+BatchNorm2d, a subclass with its own forward (the fused op would skip it), modules with hooks and
+torch.fx symbolic tracing (the modules must be called), and SyncBatchNorm while training across
+several processes (its statistics need a collective; the conv and BN then run as the two modules,
+still exact). torchvision's FrozenBatchNorm2d runs fused, as an eval-mode BatchNorm.
 """
 from __future__ import annotations
 

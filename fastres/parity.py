@@ -58,8 +58,8 @@ LOSS_FLOOR_ULPS = 8.0
 TENSOR_FLOOR_ULPS = 4.0
 SATURATED = 0.1  # relative reference error above which a check no longer detects small bugs
 
-CIFAR_ARCHS = {"resnet8": (8, "A"), "resnet20": (20, "A"), "resnet32": (32, "A"), "resnet44": (44, "A"), "resnet56": (56, "A"),
-               "resnet110": (110, "A"), "resnet1202": (1202, "A"), "plain20": (20, None),
+CIFAR_ARCHS = {"resnet8": (8, "A"), "resnet20": (20, "A"), "resnet32": (32, "A"), "resnet44": (44, "A"),
+               "resnet56": (56, "A"), "resnet110": (110, "A"), "resnet1202": (1202, "A"), "plain20": (20, None),
                "plain32": (32, None), "plain44": (44, None), "plain56": (56, None), "plain110": (110, None)}
 IMAGENET_ARCHS = {"resnet18": "FusedResNet18", "resnet34": "FusedResNet34", "resnet50": "FusedResNet50",
                   "resnet101": "FusedResNet101", "resnet152": "FusedResNet152"}

@@ -7,9 +7,11 @@ together for autograd by the autograd.Function _ConvBNAct:
 * ``fastres::conv_bn_act_backward`` -> (dx, dweight, dbias, dbn_weight, dbn_bias, dresidual).
 
 Outputs are always fresh tensors (never an input, never each other); an output that is not needed
-is a fresh empty tensor. Each dispatches at run time to the backend chosen in fastres.backend (the math is written out in
-fastres/ops/reference.py). :func:`conv_bn_act` below is the function users and modules call: it
-validates its inputs with errors that say what was expected, applies autocast, and returns y.
+is a fresh empty tensor. Each dispatches at run time to the backend chosen in fastres.backends (the
+math is written out in fastres/ops/reference.py). :func:`conv_bn_act` below is the function users and
+modules call: on the torch backend it runs aten's ops directly (fastres/backends/torch.py); on a fused
+backend it validates its inputs with errors that say what was expected, applies autocast, and runs
+the kernels through _ConvBNAct (directly in eager mode, through the custom ops when traced).
 
 What the forward saves for backward, and why:
 * x, weight (and conv bias): convolution_backward needs them for dW and dx (eager conv saves them too).

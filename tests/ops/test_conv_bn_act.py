@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import fastres
 from fastres import backend
+from fastres.layout import pack_relu_mask, unpack_relu_mask
 from fastres.nn import FusedConvBN2d
 from fastres.ops import conv_bn_act
-from fastres.layout import pack_relu_mask, unpack_relu_mask
 
 CASES = [  # (N, Cin, H, W, Cout, k, stride, padding)
     (2, 3, 9, 9, 5, 3, 1, 1),
