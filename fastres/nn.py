@@ -152,9 +152,11 @@ def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor],
     if (backend.resolve_cached("conv_bn_act", x.device) == "torch" and not torch.compiler.is_compiling()
             and aten_reason(x) is None and (residual is None or residual.dim() == 4)):
         try:
-            w, b = aten_backend.folded(conv, bn, eps)
-            y = aten_backend.conv_bn_act_folded(x, w, b, residual, conv.stride, conv.padding, conv.dilation,
-                                                conv.groups, relu)
+            y = aten_backend.folded_onednn(conv, bn, eps, x, residual, relu)
+            if y is None:
+                w, b = aten_backend.folded(conv, bn, eps)
+                y = aten_backend.conv_bn_act_folded(x, w, b, residual, conv.stride, conv.padding, conv.dilation,
+                                                    conv.groups, relu)
         except (RuntimeError, ValueError, TypeError, IndexError):
             explain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
                     list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, False)

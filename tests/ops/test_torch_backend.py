@@ -79,3 +79,39 @@ def test_torch_path_on_cuda_tensors(amp):
     with torch.no_grad():
         want = oracle(x.double())
     assert_as_good(got, ref, want, "eval logits", dtype=amp or torch.float32)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_onednn_inference_path_runs_and_is_as_good_as_aten(monkeypatch, relu, residual, channels_last):
+    """On a CPU in fp32 with autograd off, eval runs oneDNN's conv with add / ReLU post-ops; its
+    result holds the house rule against the float64 oracle, and switching it off gives the aten path."""
+    import fastres.backends.torch as tb
+
+    used = []
+    real = tb.conv_bn_act_onednn
+    monkeypatch.setattr(tb, "conv_bn_act_onednn", lambda *a, **k: used.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = fastres.FusedConvBN2d(8, 16, 3, padding=1, relu=relu)
+    with torch.no_grad():
+        layer.bn.weight.uniform_(0.5, 1.5), layer.bn.bias.normal_(0, 0.2)
+        layer.bn.running_mean.normal_(0, 0.2), layer.bn.running_var.uniform_(0.5, 1.5)
+    layer.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 8, 12, 12).contiguous(memory_format=fmt)
+    res = torch.randn(4, 16, 12, 12).contiguous(memory_format=fmt) if residual else None
+    twin = torch.nn.Sequential(copy.deepcopy(layer.conv), copy.deepcopy(layer.bn)).eval()
+    with torch.no_grad():
+        got = layer(x, res)
+        ref, oracle = twin(x), copy.deepcopy(twin).double()(x.double())
+        if residual:
+            ref, oracle = ref + res, oracle + res.double()
+        if relu:
+            ref, oracle = ref.relu(), oracle.relu()
+        monkeypatch.setattr(tb, "onednn_enabled", False)
+        aten = layer(x, res)
+    assert used == [1]
+    assert got.is_contiguous(memory_format=fmt)
+    assert_as_good(got, ref, oracle, "oneDNN eval")
+    assert_as_good(aten, ref, oracle, "aten eval")
