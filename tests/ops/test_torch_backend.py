@@ -111,7 +111,7 @@ def test_onednn_inference_path_runs_and_is_as_good_as_aten(monkeypatch, relu, re
             ref, oracle = ref.relu(), oracle.relu()
         monkeypatch.setattr(tb, "onednn_enabled", False)
         aten = layer(x, res)
-    assert used == [1]
+    assert used == ([1] if channels_last else [])  # NCHW: measured slower through oneDNN, not used
     assert got.is_contiguous(memory_format=fmt)
     assert_as_good(got, ref, oracle, "oneDNN eval")
     assert_as_good(aten, ref, oracle, "aten eval")
