@@ -12,10 +12,11 @@ torch.export / ONNX, FLOP counters, the meta device) understands it:
 * eval:      BatchNorm is an affine map per output channel, folded into the convolution:
   y = act(conv2d(x, W * s, b_f) (+ residual)),  s = gamma / sqrt(running_var + eps),
   b_f = beta + (b - running_mean) * s. The folded weights are cached per BatchNorm module while
-  autograd is off and recomputed whenever a parameter or buffer changes (:func:`folded`). On a CPU in
-  fp32 with autograd off and channels_last data, the conv runs through oneDNN with the folded weight prepacked and the add
-  and ReLU as post-ops (:func:`folded_onednn`), where the installed PyTorch exposes it (measured on a
-  2-core AMD EPYC: 1.2-1.5x torchvision's eval; see benchmarks/results/); elsewhere aten's conv2d.
+  autograd is off and recomputed whenever a parameter or buffer changes (:func:`folded`). On a CPU,
+  in fp32 with autograd off and channels_last data, the conv runs through oneDNN with the folded
+  weight prepacked and the add and ReLU as post-ops (:func:`folded_onednn`), where the installed
+  PyTorch exposes it (measured on a 2-core AMD EPYC: 1.2-1.5x torchvision's eval; see
+  benchmarks/results/); elsewhere aten's conv2d.
 
 :func:`conv_bn_act_aten` and :func:`conv_bn_act_folded` are the production path (fastres.ops.conv_bn_act
 calls them directly, without a custom-op round trip). The three contract functions of
