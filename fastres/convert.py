@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from fastres.models import cifar as _cifar
 from fastres.models import resnet as _fr
-from fastres.nn import FusedConvBN2d, conv_bn_act_modules, is_frozen_bn, unfusable_reason
+from fastres.nn import FusedConvBN2d, conv_bn_act_modules, global_hooks, is_frozen_bn, module_hooked, unfusable_reason
 
 __all__ = ["convert", "ConversionReport", "FusedSequential", "run_chains"]
 
@@ -56,29 +56,18 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks)
-
-
 def _pair_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     """Why (conv, bn) cannot run as one fused op with exactly their own semantics, or None."""
     why = unfusable_reason(conv, bn)
     if why is not None:
         return why
-    if _hooked(conv) or _hooked(bn):
+    if module_hooked(conv) or module_hooked(bn):
         return "a hook is registered on the conv or the BatchNorm (the fused op would skip it)"
     return None
 
 
 def _is_relu(m: nn.Module) -> bool:
-    return type(m).forward is nn.ReLU.forward and not _hooked(m)
+    return type(m).forward is nn.ReLU.forward and not module_hooked(m)
 
 
 def chain_at(mods: List[nn.Module], i: int) -> Tuple[int, Optional[str]]:
@@ -188,7 +177,7 @@ def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     report = ConversionReport()
-    if _global_hooks():
+    if global_hooks():
         report.left_alone.append(("", "global module hooks are registered (the fused op would skip them)"))
         return _finish(model, report, verbose)
     from fastres.convert_timm import convert_timm_module, timm_classes  # (they import this module)

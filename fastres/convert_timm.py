@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 import torch
 import torch.nn as nn
 
-from fastres.convert import ConversionReport, FusedSequential, _hooked, _is_relu, _join, chain_at, run_chains
-from fastres.nn import conv_bn_act_modules, plain_forward_needed, unfusable_reason
+from fastres.convert import ConversionReport, FusedSequential, _is_relu, _join, chain_at, run_chains
+from fastres.nn import conv_bn_act_modules, module_hooked, plain_forward_needed, unfusable_reason
 
 Tensor = torch.Tensor
 
@@ -183,7 +183,7 @@ def convert_timm_module(name: str, m: nn.Module, classes: Dict[type, type], repo
     of the convs it accounts for go to `covered`, of the Sequentials its forward runs to `handled`."""
     already = type(m) in classes.values()
     kind = type(m).__mro__[1].__name__ if already else type(m).__name__
-    hooked = [n for n, sub in m.named_modules() if n and _hooked(sub)]
+    hooked = [n for n, sub in m.named_modules() if n and module_hooked(sub)]
     if hooked and not already:
         report.left_alone.append((name, f"timm {kind}: a hook is registered on {hooked[0]} (the fused "
                                         f"forward would skip it)"))

@@ -14,7 +14,6 @@ continues an interrupted experiment; every folder is checked before anything tra
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 from typing import Dict, List
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from fastres import data as fdata
 from fastres import plots, probes
-from fastres.trainer import Dist, UserError, build_model, check_out_dir, train
+from fastres.trainer import Dist, UserError, build_model, check_out_dir, train, write_rows
 
 log = logging.getLogger("fastres.train")
 
@@ -47,15 +46,6 @@ def _subruns(a: argparse.Namespace, name: str, overrides: Dict[str, Dict]) -> Di
         check_out_dir(out, resume, a.overwrite)
         subs[key] = argparse.Namespace(**{**vars(a), "out": out, "resume": resume, "experiment": None, **over})
     return subs
-
-
-def _write_csv(path: str, fields: List[str], rows: List[Dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _pct(h: Dict) -> str:
@@ -114,9 +104,9 @@ def responses(a: argparse.Namespace, dist: Dist) -> Dict:
         grads[arch] = {"init": probes.grad_norms(init, gx, gy), "trained": probes.grad_norms(model, gx, gy)}
         stds[arch] = probes.response_stds(model, _test_images(data, a, dist.device))
     if dist.main:
-        _write_csv(os.path.join(a.out, "responses.csv"), ["arch", "layer", "std"],
+        write_rows(os.path.join(a.out, "responses.csv"), ["arch", "layer", "std"],
                    [{"arch": k, "layer": i + 1, "std": f"{s:.6g}"} for k, v in stds.items() for i, s in enumerate(v)])
-        _write_csv(os.path.join(a.out, "gradients.csv"), ["arch", "when", "layer", "grad_norm"],
+        write_rows(os.path.join(a.out, "gradients.csv"), ["arch", "when", "layer", "grad_norm"],
                    [{"arch": k, "when": w, "layer": i + 1, "grad_norm": f"{g:.6g}"}
                     for k, by in grads.items() for w, v in by.items() for i, g in enumerate(v)])
         plots.plot_responses(stds, os.path.join(a.out, "responses.png"), a.data)
@@ -173,7 +163,7 @@ def shortcuts(a: argparse.Namespace, dist: Dist) -> Dict:
         params[option] = sum(p.numel() for p in r["model"].parameters())
         histories[option] = r["history"]
     if dist.main:
-        _write_csv(os.path.join(a.out, "shortcuts.csv"), ["option", "parameters", "train_error", "test_error"],
+        write_rows(os.path.join(a.out, "shortcuts.csv"), ["option", "parameters", "train_error", "test_error"],
                    [{"option": o, "parameters": params[o], "train_error": f"{h[-1]['train_error']:.6g}",
                      "test_error": f"{h[-1]['test_error']:.6g}"} for o, h in histories.items()])
         plots.plot_shortcuts(histories, params, os.path.join(a.out, "shortcuts.png"), a.arch, a.data)

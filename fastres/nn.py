@@ -32,8 +32,8 @@ from fastres.ops.conv_bn_act import aten_reason, conv_bn_act, explain
 
 Tensor = torch.Tensor
 
-__all__ = ["conv_bn_act_modules", "unfusable_reason", "hooked", "plain_forward_needed", "FusedConvBN2d",
-           "FusedConvBNReLU2d"]
+__all__ = ["conv_bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
+           "plain_forward_needed", "FusedConvBN2d", "FusedConvBNReLU2d"]
 
 
 def frozen_bn_class() -> Optional[type]:
@@ -74,16 +74,21 @@ is_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _sym
 _hooks = _module_mod  # torch.nn.modules.module: where the global module hooks live
 
 
+def global_hooks() -> bool:
+    """Whether a global module hook (torch.nn.modules.module.register_module_*_hook) is registered."""
+    return bool(_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks
+                or _hooks._global_backward_pre_hooks)
+
+
+def module_hooked(m: nn.Module) -> bool:
+    """Whether `m` itself has a forward, forward-pre, backward or backward-pre hook."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def hooked(*mods: nn.Module) -> bool:
     """Whether calling these modules would run a hook (theirs, or a global module hook), so that a
     fused forward, which does not call them, would skip it. A few dict lookups: free when no hook exists."""
-    if (_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks
-            or _hooks._global_backward_pre_hooks):
-        return True
-    for m in mods:
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return True
-    return False
+    return global_hooks() or any(module_hooked(m) for m in mods)
 
 
 def plain_forward_needed(*mods: nn.Module) -> bool:
@@ -161,9 +166,9 @@ def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor],
             explain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
                     list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, False)
             raise
-        if residual is not None and residual.shape != y.shape:
-            raise ValueError(f"conv_bn_act: expected residual of shape {tuple(y.shape)} (the conv output), "
-                             f"got {tuple(residual.shape)}")
+        if residual is not None and residual.shape != y.shape:  # broadcast by the add: the call is bad
+            explain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
+                    list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, False)
         backend.calls[("conv_bn_act", "forward", "torch")] += 1
         return y
     return conv_bn_act(

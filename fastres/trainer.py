@@ -125,13 +125,18 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
-def write_csv(history: List[Dict], path: str) -> None:
+def write_rows(path: str, fields: List[str], rows: List[Dict]) -> None:
+    """Write `rows` as a CSV with these columns, atomically (a reader never sees half a file)."""
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows(history)
+        w.writerows(rows)
     os.replace(tmp, path)
+
+
+def write_csv(history: List[Dict], path: str) -> None:
+    write_rows(path, CSV_FIELDS, history)
 
 
 # ------------------------------------------------------------------------------------------ train

@@ -11,7 +11,13 @@ from fastres.layout import memory_format_of
 
 Tensor = torch.Tensor
 
-__all__ = ["conv_bn_act_grads"]
+__all__ = ["conv_bn_act_grads", "eval_stats"]
+
+
+def eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(mean, invstd) of an eval-mode forward, fp32 and fresh (the contract's outputs may not alias the
+    running statistics): running_mean and 1 / sqrt(running_var + eps)."""
+    return running_mean.to(torch.float32, copy=True), torch.rsqrt(running_var.float() + eps)
 
 
 def conv_bn_act_grads(dz: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], sum_gx: Tensor,

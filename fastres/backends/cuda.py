@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from fastres import _ext
-from fastres.backends.common import conv_bn_act_grads
+from fastres.backends.common import conv_bn_act_grads, eval_stats
 from fastres.kernels import alloc as _alloc
 from fastres.layout import memory_format_of, pack_relu_mask, unpack_relu_mask
 
@@ -145,8 +145,7 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
             mean, invstd = bn_stats(z, running_mean, running_var, momentum, eps)
         else:
             assert running_mean is not None and running_var is not None
-            mean = running_mean.to(torch.float32, copy=True)
-            invstd = torch.rsqrt(running_var.float() + eps)
+            mean, invstd = eval_stats(running_mean, running_var, eps)
         res = _cl(residual) if residual is not None else None
         want_mask = relu and save_mask
         y, mask = bn_apply(z, mean, invstd, bn_weight, bn_bias, res, relu, want_mask and fmt == _CL)

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastres.layout import conv_out_shape
+from fastres.layout import conv_out_shape, memory_format_of
 from fastres.ops.reference import conv_bn_act_backward, conv_bn_act_forward
 
 Tensor = torch.Tensor
@@ -111,19 +111,14 @@ def _onednn_usable(conv: torch.nn.Conv2d, x: Tensor, residual: Optional[Tensor])
     # channels_last only: there it measured 1.2-1.5x aten's eval; on NCHW inputs it was slower for
     # ResNet-20 and ResNet-50 (0.85-0.9x) and is not used.
     if not (onednn_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and _fmt(x) == torch.channels_last and not torch.is_grad_enabled()
+            and memory_format_of(x) == torch.channels_last and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and conv.weight.dtype == torch.float32):
         return False
     if residual is None:
         return True
     out = conv_out_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
     return (residual.dtype == x.dtype and list(residual.shape) == out
-            and residual.is_contiguous(memory_format=_fmt(x)))
-
-
-def _fmt(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
+            and residual.is_contiguous(memory_format=memory_format_of(x)))
 
 
 def conv_bn_act_onednn(x: Tensor, packed: Tensor, bias: Tensor, residual: Optional[Tensor], stride, padding,
@@ -157,7 +152,7 @@ def folded_onednn(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float, x: Ten
     except RuntimeError as e:  # a case this oneDNN build rejects: the aten path (which explains bad input)
         logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
         return None
-    return y if y.is_contiguous(memory_format=_fmt(x)) else y.contiguous(memory_format=_fmt(x))
+    return y if y.is_contiguous(memory_format=memory_format_of(x)) else y.contiguous(memory_format=memory_format_of(x))
 
 
 # BatchNorm module -> (key, folded weight, folded bias[, prepacked weight, input shape]).

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fastres.backends.common import conv_bn_act_grads
+from fastres.backends.common import conv_bn_act_grads, eval_stats
 from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, pack_mask
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
 from fastres.layout import memory_format_of
@@ -72,8 +72,7 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     # Multiplying the fp32 accumulator by s[c] in the epilogue is the same fold as using the weights
     # W[c] * s[c], without rounding W * s to the data dtype (bf16 keeps only 8 bits of it), in one launch.
     assert running_mean is not None and running_var is not None
-    mean = running_mean.to(torch.float32, copy=True)
-    invstd = torch.rsqrt(running_var.float() + eps)
+    mean, invstd = eval_stats(running_mean, running_var, eps)
     scale = invstd if bn_weight is None else invstd * bn_weight.float()
     off = -mean if bias is None else bias.float() - mean
     shift = off * scale if bn_bias is None else bn_bias.float() + off * scale

@@ -152,9 +152,8 @@ class BasicBlock(nn.Module):
 def _plain_needed(block: nn.Module) -> bool:
     """A block runs its modules one by one, exactly as torchvision's forward does, when torch.fx traces
     it or any of its modules has hooks (see fastres.nn.plain_forward_needed)."""
-    ds = block.downsample
-    mods = [m for m in block.children() if m is not ds] + (list(ds.modules()) if ds is not None else [])
-    return plain_forward_needed(*mods)
+    # every module inside the block (the block's own hooks run anyway: it is called as a module)
+    return plain_forward_needed(*list(block.modules())[1:])
 
 
 def plain_block_forward(block: nn.Module, x: Tensor) -> Tensor:

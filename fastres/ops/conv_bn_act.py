@@ -181,8 +181,6 @@ def _differentiable_backward(ctx, grad_y, needs, x, weight, bias, bn_weight, bn_
     """The backward of conv_bn_act as a differentiable function of grad_y and of the inputs: the forward
     recomputed from the saved inputs as aten ops (batch statistics, running ones untouched, in
     training; the running statistics used in eval), differentiated with create_graph=True."""
-    from fastres.backends import torch as aten_backend
-
     stride, padding, dilation, groups = ctx.conv
     rm, rv = ctx.running if ctx.running is not None else (None, None)
     leaves = (x, weight, bias, bn_weight, bn_bias, residual)
