@@ -8,7 +8,11 @@ what a launch would compile to (:func:`report_variants`, for the compile-report 
   (N, H, W, CIN_P) buffer, so a K-step is a run of whole 16-byte channel vectors; a stride-2 conv over
   <= 4 channels (the stem) is rewritten by space-to-depth instead (kernels/conv_s2d.py);
 * weight: a channels_last weight (Cout, kh, kw, Cin) with Cin % 16 == 0 is consumed in place, viewed
-  as (Cout, K); any other weight is re-laid once and cached per (tensor, data_ptr, version), not per call;
+  as (Cout, K); any other weight (NCHW-contiguous, Cin not a multiple of 16, the stem's space-to-depth
+  form) is re-laid on every call, never cached: a cache keyed on the weight cannot see every change
+  (fused optimizers and `.data` edits leave the version counter alone, a captured CUDA graph replays
+  whatever it captured) and would hand one stream's tensor to another. The re-lay moves 2x the
+  weight's bytes: for all of ResNet-50's weights in bf16 ~100 MB, ~25 us at 4 TB/s (a prediction);
 * autotune (GPU): keyed on M rounded up to a power of two with the conv geometry and the epilogue,
   so a new batch size reuses the tuning; tuning cannot run inside CUDA-graph capture: run
   :func:`fastres.kernels.warmup.warmup` once before capturing.
@@ -19,7 +23,6 @@ the kernel covers), :func:`merge_stats` (Chan's merge of the partials, plain tor
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,7 +47,7 @@ Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
 
 __all__ = ["conv2d_nhwc", "conv2d_nhwc_supports", "merge_stats", "report_variants", "GPU_CONFIGS",
-           "BLOCK_M_GPU", "BLOCK_M_INTERPRETER", "clear_weight_cache"]
+           "BLOCK_M_GPU", "BLOCK_M_INTERPRETER"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2 ** 31 - 1
@@ -141,51 +144,18 @@ def _param(t: Optional[Tensor], name: str, cout: int, device: torch.device) -> O
 # ---------------------------------------------------------------------------------------------
 # operands
 
-# (data_ptr, shape, stride, dtype, device, CIN_P) -> (weight, version, re-laid weight), least recently used
-# first. The entry holds the weight itself, so its memory cannot be reused by another tensor while the
-# key stands; the version counter catches in-place updates (an optimizer step).
-_weight_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
-WEIGHT_CACHE_SIZE = 128   # > the convs of any ResNet: a model's weights stay cached across steps
-
-
-def clear_weight_cache() -> None:
-    _weight_cache.clear()
-
-
-def _cached(weight: Tensor, tag: tuple, make) -> Tensor:
-    """make(weight), cached per (weight memory, shape, strides, dtype, device, tag) until the weight changes
-    in place (its version counter) or falls out of the cache. Not cached while a CUDA graph is captured."""
-    try:
-        version = weight._version
-    except RuntimeError:   # inference tensors carry no version counter: no caching
-        return make(weight)
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, tag)
-    hit = _weight_cache.get(key)
-    if hit is not None and hit[1] == version:
-        _weight_cache.move_to_end(key)
-        return hit[2]
-    relaid = make(weight)
-    if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _weight_cache[key] = (weight, version, relaid)
-        while len(_weight_cache) > WEIGHT_CACHE_SIZE:
-            _weight_cache.popitem(last=False)
-    return relaid
-
-
 def _weight_matrix(weight: Tensor, cin_p: int) -> Tensor:
     """weight (Cout, Cin, kh, kw) as a (Cout, kh, kw, CIN_P) contiguous tensor, channels zero-padded.
-    A channels_last weight with Cin == CIN_P is that tensor already (a view, no copy); otherwise the
-    re-layout is cached (:func:`_cached`)."""
+    A channels_last weight with Cin == CIN_P is that tensor already (a view, no copy); any other is
+    re-laid here, on every call (see the module docstring: why nothing is cached)."""
     whkc = weight.permute(0, 2, 3, 1)
     if weight.shape[1] == cin_p and whkc.is_contiguous():
         return whkc
 
-    def relayout(wt: Tensor) -> Tensor:
-        cout, cin, kh, kw = wt.shape
-        out = torch.zeros((cout, kh, kw, cin_p), dtype=wt.dtype, device=wt.device)
-        out[..., :cin] = wt.permute(0, 2, 3, 1)
-        return out
-    return _cached(weight, ("nhwc", cin_p), relayout)
+    cout, cin, kh, kw = weight.shape
+    out = torch.zeros((cout, kh, kw, cin_p), dtype=weight.dtype, device=weight.device)
+    out[..., :cin] = whkc
+    return out
 
 
 def _input_nhwc(x: Tensor, cin_p: int) -> Tensor:
@@ -284,7 +254,7 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
                     None if residual is None else residual.stride())
     cin_p = geo["CIN_P"]
     if geo["S2D"]:
-        xc, wmat = s2d_input(x, padding), _cached(weight, ("s2d",), s2d_weight)
+        xc, wmat = s2d_input(x, padding), s2d_weight(weight)
     else:
         xc, wmat = _input_nhwc(x, cin_p), _weight_matrix(weight, cin_p)
     m, ho, wo = geo["M"], geo["HO"], geo["WO"]

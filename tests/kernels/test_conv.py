@@ -252,20 +252,30 @@ def test_channels_last_weight_is_used_in_place():
     assert mat.data_ptr() == wt.data_ptr() and mat.shape == (8, 3, 3, 32) and mat.is_contiguous()
 
 
-def test_weight_relayout_is_cached_until_it_changes(poison):
-    kconv.clear_weight_cache()
+@pytest.mark.parametrize("edit", ["in_place", "data", "fused_adam"])
+def test_weight_relayout_sees_every_change(poison, edit):
+    """The re-laid weight is never reused across calls: an edit the version counter misses (through
+    `.data`, or as a fused optimizer writes) reaches the next conv (DESIGN.md, "What a cache may trust")."""
     x = _rand(1, 16, 6, 6, fmt=torch.channels_last)
     wt = _rand(8, 16, 3, 3)                         # NCHW weight: needs the (Cout, kh, kw, Cin) re-layout
-    first = kconv._weight_matrix(wt, 16)
-    assert kconv._weight_matrix(wt, 16) is first    # no re-layout on the next call
-    with torch.no_grad():
-        wt.mul_(-2.0)                                # in place: the version counter moves
+    first, _ = conv2d_nhwc(x, wt, padding=1)
+    version = wt._version
+    if edit == "in_place":
+        with torch.no_grad():
+            wt.mul_(-2.0)
+    elif edit == "data":
+        wt.data.mul_(-2.0)                          # .data has its own version counter: wt's does not move
+    else:                                           # a fused optimizer step: the version counter stays
+        wt.grad = torch.randn_like(wt)
+        torch.optim.Adam([wt], lr=0.5, fused=True).step()
+    if edit == "data":
+        assert wt._version == version
     again = kconv._weight_matrix(wt, 16)
-    assert again is not first
     torch.testing.assert_close(again, wt.permute(0, 2, 3, 1), rtol=0, atol=0)
     out, _ = conv2d_nhwc(x, wt, padding=1)           # the conv sees the new values
     ref, mag = _ref(x, wt, None, 1, 1, 1)
     _close(out, ref, torch.float32, mag)
+    assert not torch.allclose(out, first)
 
 
 def test_weight_and_input_channel_padding():
