@@ -35,7 +35,15 @@ import torch.nn as nn
 
 from fastres.models import cifar as _cifar
 from fastres.models import resnet as _fr
-from fastres.nn import FusedConvBN2d, conv_bn_act_modules, global_hooks, is_frozen_bn, module_hooked, unfusable_reason
+from fastres.nn import (
+    FusedConvBN2d,
+    conv_bn_act_modules,
+    global_hooks,
+    is_frozen_bn,
+    is_plain_relu,
+    module_hooked,
+    unfusable_reason,
+)
 
 __all__ = ["convert", "ConversionReport", "FusedSequential", "run_chains"]
 
@@ -66,10 +74,6 @@ def _pair_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return None
 
 
-def _is_relu(m: nn.Module) -> bool:
-    return type(m).forward is nn.ReLU.forward and not module_hooked(m)
-
-
 def chain_at(mods: List[nn.Module], i: int) -> Tuple[int, Optional[str]]:
     """(length of the fusable chain starting at mods[i]: 0, 2 (conv, bn) or 3 (conv, bn, relu),
     why mods[i], a Conv2d, starts no chain (None when it does, or when mods[i] is no Conv2d))."""
@@ -83,7 +87,7 @@ def chain_at(mods: List[nn.Module], i: int) -> Tuple[int, Optional[str]]:
     why = _pair_reason(mods[i], nxt)
     if why is not None:
         return 0, why
-    return (3 if i + 2 < len(mods) and _is_relu(mods[i + 2]) else 2), None
+    return (3 if i + 2 < len(mods) and is_plain_relu(mods[i + 2]) else 2), None
 
 
 class FusedSequential(nn.Sequential):
@@ -154,7 +158,7 @@ def _pairs_of(m: nn.Module) -> List[Tuple[str, str]]:
 def _resnet_module_reason(m: nn.Module) -> Optional[str]:
     """Why a torchvision ResNet / block cannot take the fused forward (hooks the fused forward would
     skip, or a replaced ReLU), or None."""
-    if not _is_relu(m.relu):
+    if not is_plain_relu(m.relu):
         return f"its relu is {type(m.relu).__name__} (or has hooks), not a plain nn.ReLU"
     pairs = [(getattr(m, c), getattr(m, b)) for c, b in _pairs_of(m)]
     ds = getattr(m, "downsample", None)

@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 import torch
 import torch.nn as nn
 
-from fastres.convert import ConversionReport, FusedSequential, _is_relu, _join, chain_at, run_chains
-from fastres.nn import conv_bn_act_modules, module_hooked, plain_forward_needed, unfusable_reason
+from fastres.convert import ConversionReport, FusedSequential, _join, chain_at, run_chains
+from fastres.nn import conv_bn_act_modules, is_plain_relu, module_hooked, plain_forward_needed, unfusable_reason
 
 Tensor = torch.Tensor
 
@@ -58,7 +58,7 @@ def _conv_bn_then(x: Tensor, conv: nn.Module, bn: nn.Module, after: Sequence[Opt
     """after[-1](...after[0](bn(conv(x)))): modules that pass their input through are skipped, a plain
     ReLU first in line is fused with conv -> bn, the rest run as themselves in order."""
     rest = [m for m in after if not _passes_through(m)]
-    relu = bool(rest) and _is_relu(rest[0])
+    relu = bool(rest) and is_plain_relu(rest[0])
     x = conv_bn_act_modules(x, conv, bn, relu=relu)
     for m in rest[1 if relu else 0:]:
         x = m(x)
@@ -76,7 +76,7 @@ def _shortcut(ds: Optional[nn.Module], x: Tensor) -> Tensor:
 def _last_stage(block: nn.Module, x: Tensor, shortcut: Tensor, conv: nn.Module, bn: nn.Module,
                 act: nn.Module) -> Tensor:
     """timm's block tail: conv, bn, se, drop_path, shortcut = downsample(shortcut), x += shortcut, act."""
-    if _passes_through(block.se) and _passes_through(block.drop_path) and _is_relu(act):
+    if _passes_through(block.se) and _passes_through(block.drop_path) and is_plain_relu(act):
         return conv_bn_act_modules(x, conv, bn, residual=_shortcut(block.downsample, shortcut), relu=True)
     x = _conv_bn_then(x, conv, bn, (block.se, block.drop_path))
     return act(x + _shortcut(block.downsample, shortcut))  # timm adds in place: the same values
@@ -172,7 +172,7 @@ def _extras(m: nn.Module) -> List[str]:
     out = [f"{a} ({type(getattr(m, a)).__name__})" for a in ("drop_block", "aa", "se", "drop_path")
            if not _passes_through(getattr(m, a, None))]
     acts = ("act1", "act2", "act3") if hasattr(m, "conv3") else ("act1", "act2")
-    out += [f"{a} ({type(getattr(m, a)).__name__})" for a in acts if hasattr(m, a) and not _is_relu(getattr(m, a))]
+    out += [f"{a} ({type(getattr(m, a)).__name__})" for a in acts if hasattr(m, a) and not is_plain_relu(getattr(m, a))]
     return out
 
 
@@ -204,7 +204,7 @@ def convert_timm_module(name: str, m: nn.Module, classes: Dict[type, type], repo
                     report.left_alone.append((_join(name, f"conv1.{len(stem) - 1}"),
                                               f"runs unfused inside the fused stem: {why}"))
             pairs = []
-        extras = [] if _is_relu(m.act1) else [f"act1 ({type(m.act1).__name__})"]
+        extras = [] if is_plain_relu(m.act1) else [f"act1 ({type(m.act1).__name__})"]
     else:
         extras = _extras(m)
     if already:

@@ -28,12 +28,13 @@ from torch.nn.modules import module as _module_mod
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
-from fastres.ops.conv_bn_act import aten_reason, conv_bn_act, explain
+from fastres.errors import InputShapeError
+from fastres.ops.conv_bn_act import aten_reason, conv_bn_act
 
 Tensor = torch.Tensor
 
 __all__ = ["conv_bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
-           "plain_forward_needed", "FusedConvBN2d", "FusedConvBNReLU2d"]
+           "plain_forward_needed", "is_plain_relu", "FusedConvBN2d", "FusedConvBNReLU2d"]
 
 
 def frozen_bn_class() -> Optional[type]:
@@ -115,6 +116,12 @@ def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tenso
     return F.relu(y) if relu else y
 
 
+def is_plain_relu(m: object) -> bool:
+    """Whether `m` is a ReLU a fused op may stand in for: nn.ReLU's own forward, no hooks. Blocks check
+    it on every call, so a ReLU swapped for another activation (SiLU, GELU, LeakyReLU ...) runs as itself."""
+    return isinstance(m, nn.Module) and type(m).forward is nn.ReLU.forward and not module_hooked(m)
+
+
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,
                         relu: bool = False) -> Tensor:
     """act(bn(conv(x)) (+ residual)), fused; bn's running statistics are updated as nn.BatchNorm2d does.
@@ -131,46 +138,44 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
             backend.log.debug("fastres conv_bn_act: running unfused: %s", why)
         return _unfused(x, conv, bn, residual, relu)
     if x.dim() != 4:
-        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        if x.dim() == 3:   # conv2d takes an unbatched input; nn.BatchNorm2d then rejects it with this error
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        raise InputShapeError(f"expected a 4-D input (N, C, H, W) for {type(conv).__name__}, got {x.dim()}-D input "
+                              f"of shape {tuple(x.shape)}")
     if is_frozen_bn(bn):  # always eval-mode BatchNorm with its buffers as the affine parameters
         return _eval(x, conv, bn, residual, relu, bn.eps)
 
-    # nn.BatchNorm2d.forward's rules, step for step.
+    # nn.BatchNorm2d.forward's rules, step for step, except that num_batches_tracked moves only once
+    # the call has been accepted (torchvision's conv rejects a bad input before its BatchNorm runs).
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if count and bn.momentum is None:
+        factor = 1.0 / (float(bn.num_batches_tracked) + 1.0)
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not use_batch_stats:
         return _eval(x, conv, bn, residual, relu, bn.eps)
     keep = not bn.training or bn.track_running_stats
-    return conv_bn_act(
+    y = conv_bn_act(
         x, conv.weight, conv.bias, bn.weight, bn.bias,
         bn.running_mean if keep else None, bn.running_var if keep else None, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
         training=True, momentum=factor, eps=bn.eps, relu=relu)
+    if count:
+        bn.num_batches_tracked.add_(1)
+    return y
 
 
 def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool, eps: float) -> Tensor:
-    """Eval-mode BatchNorm (running statistics). On the torch backend in eager mode, folded into the
-    conv (cached while autograd is off: fastres.backends.torch.folded); otherwise the fused op."""
-    if (backend.resolve_cached("conv_bn_act", x.device) == "torch" and not torch.compiler.is_compiling()
-            and aten_reason(x) is None and (residual is None or residual.dim() == 4)):
-        try:
-            y = aten_backend.folded_onednn(conv, bn, eps, x, residual, relu)
-            if y is None:
-                w, b = aten_backend.folded(conv, bn, eps)
-                y = aten_backend.conv_bn_act_folded(x, w, b, residual, conv.stride, conv.padding, conv.dilation,
-                                                    conv.groups, relu)
-        except (RuntimeError, ValueError, TypeError, IndexError):
-            explain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
-                    list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, False)
-            raise
-        if residual is not None and residual.shape != y.shape:  # broadcast by the add: the call is bad
-            explain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
-                    list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, False)
-        backend.calls[("conv_bn_act", "forward", "torch")] += 1
-        return y
+    """Eval-mode BatchNorm (running statistics): the fused op, which on the torch backend is torchvision's
+    own conv2d -> batch_norm -> add -> relu, read from the live tensors on every call. Inside
+    :func:`fastres.frozen` the torch backend folds BatchNorm into the conv once instead
+    (fastres.backends.torch.conv_bn_act_frozen)."""
+    if aten_backend.frozen_active(bn) and not torch.compiler.is_compiling() and aten_reason(x) is None \
+            and backend.resolve_cached("conv_bn_act", x.device) == "torch":
+        y = aten_backend.conv_bn_act_frozen(x, conv, bn, eps, residual, relu)
+        if y is not None:
+            backend.calls[("conv_bn_act", "forward", "torch")] += 1
+            return y
     return conv_bn_act(
         x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,

@@ -9,14 +9,15 @@ torch.export / ONNX, FLOP counters, the meta device) understands it:
   running_var in place with the effective momentum (the nn.BatchNorm2d rules);  y += residual and
   y = relu(y), both in place on the BatchNorm output (no copies). Backward is aten's: convolution
   backward, BatchNorm backward (it saves z and the batch statistics), ReLU backward (it saves y).
-* eval:      BatchNorm is an affine map per output channel, folded into the convolution:
-  y = act(conv2d(x, W * s, b_f) (+ residual)),  s = gamma / sqrt(running_var + eps),
-  b_f = beta + (b - running_mean) * s. The folded weights are cached per BatchNorm module while
-  autograd is off and recomputed whenever a parameter or buffer changes (:func:`folded`). On a CPU,
-  in fp32 with autograd off and channels_last data, the conv runs through oneDNN with the folded
-  weight prepacked and the add and ReLU as post-ops (:func:`folded_onednn`), where the installed
-  PyTorch exposes it (measured on a 2-core AMD EPYC: 1.2-1.5x torchvision's eval; see
-  benchmarks/results/); elsewhere aten's conv2d.
+* eval:      y = act(batch_norm(conv2d(x, W, b), running statistics) (+ residual)): torchvision's own
+  ops, read from the live parameters and buffers on every call, so nothing can be stale.
+* frozen:    inside ``fastres.frozen(model)`` (an explicit, documented mode: fastres/frozen.py)
+  BatchNorm is folded into the convolution once, y = act(conv2d(x, W * s, b_f) (+ residual)),
+  s = gamma / sqrt(running_var + eps), b_f = beta + (b - running_mean) * s, and on a CPU in fp32 with
+  channels_last data the folded weight is prepacked for oneDNN with the add and ReLU as post-ops
+  (:func:`conv_bn_act_frozen`). Folding on every call instead measured slower than torchvision's
+  eval on a CPU (it reads and writes every weight: more bytes than the BatchNorm pass it saves at
+  ResNet batch sizes), so the default does not fold.
 
 :func:`conv_bn_act_aten` and :func:`conv_bn_act_folded` are the production path (fastres.ops.conv_bn_act
 calls them directly, without a custom-op round trip). The three contract functions of
@@ -31,6 +32,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.optim import optimizer as _optim
 
 from fastres.layout import conv_out_shape, memory_format_of
 from fastres.ops.reference import conv_bn_act_backward, conv_bn_act_forward
@@ -38,7 +40,7 @@ from fastres.ops.reference import conv_bn_act_backward, conv_bn_act_forward
 Tensor = torch.Tensor
 
 __all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports", "conv_bn_act_aten",
-           "conv_bn_act_folded", "fold", "folded"]
+           "conv_bn_act_folded", "conv_bn_act_frozen", "fold", "freeze", "thaw", "refresh"]
 
 
 def conv_bn_act_supports(x, weight, residual, stride, padding, dilation, groups, training, relu):
@@ -132,53 +134,118 @@ def conv_bn_act_onednn(x: Tensor, packed: Tensor, bias: Tensor, residual: Option
     return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "relu" if relu else "none", [], "")
 
 
-def folded_onednn(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float, x: Tensor,
-                  residual: Optional[Tensor], relu: bool) -> Optional[Tensor]:
-    """y through :func:`conv_bn_act_onednn` when usable (CPU, fp32, autograd off), else None. The
-    prepacked weight is cached beside the folded one (same invalidation) for the last input shape."""
-    if not _onednn_usable(conv, x, residual):
-        return None
-    w, b = folded(conv, bn, eps)
-    hit = _FOLDS.get(bn)
-    shape = tuple(x.shape)
-    try:
-        packed = hit[3] if hit is not None and len(hit) > 3 and hit[4] == shape else None
-        if packed is None:
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(conv.padding), list(conv.stride),
-                                                               list(conv.dilation), conv.groups, list(shape))
-            if hit is not None and hit[1] is w:
-                _FOLDS[bn] = hit[:3] + (packed, shape)
-        y = conv_bn_act_onednn(x, packed, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
-    except RuntimeError as e:  # a case this oneDNN build rejects: the aten path (which explains bad input)
-        logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
-        return None
-    return y if y.is_contiguous(memory_format=memory_format_of(x)) else y.contiguous(memory_format=memory_format_of(x))
+# ---------------------------------------------------------------------------------------------
+# Frozen inference (fastres.frozen): BatchNorm folded into the conv once, the folded weight prepacked.
+#
+# Nothing here is used outside an active fastres.frozen() context: a fold cached across calls cannot
+# see every change to the tensors it was made from (DESIGN.md, "What a cache may trust"), so the
+# default eval path reads the live tensors on every call. Inside the context (contract: fastres/frozen.py)
+# a fold is remade when
+# - the values of any of its small tensors (conv bias, BatchNorm weight, bias, running statistics: C
+#   numbers each) differ from the ones it was made from: compared on every call (a few microseconds),
+#   which sees every way they can change, running-statistic updates by any forward included;
+# - the conv weight is another tensor object, storage, dtype, device or shape (.to(), .half(),
+#   p.data = ..., load_state_dict(assign=True)) or its version counter moved (copy_, load_state_dict,
+#   in-place ops through the parameter itself);
+# - :data:`generation` moved: on every torch.optim step (a global step hook: fused, foreach and
+#   for-loop optimizers alike, which may leave the version counter alone) and on frozen.refresh().
+
+# BatchNorm module -> [number of active frozen() contexts holding it, cache entry or None]. Weak keys.
+_FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+generation = 0
+_optimizer_hook = None
 
 
-# BatchNorm module -> (key, folded weight, folded bias[, prepacked weight, input shape]).
-# Weak keys: a deleted module drops its entry.
-_FOLDS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+def _bump(*_args) -> None:
+    global generation
+    generation += 1
+
+
+def freeze(bns) -> None:
+    """Let the BatchNorm modules `bns` use cached folds (one more active frozen() context for each)."""
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = _optim.register_optimizer_step_post_hook(_bump)
+    for bn in bns:
+        slot = _FROZEN.get(bn)
+        if slot is None:
+            _FROZEN[bn] = [1, None]
+        else:
+            slot[0] += 1
+    _bump()
+
+
+def thaw(bns) -> None:
+    """Undo one :func:`freeze` of `bns`; a module no context holds any more drops its cached fold."""
+    for bn in bns:
+        slot = _FROZEN.get(bn)
+        if slot is not None:
+            slot[0] -= 1
+            if slot[0] <= 0:
+                del _FROZEN[bn]
+    _bump()
+
+
+def refresh() -> None:
+    """Every cached fold is made again on its next use."""
+    _bump()
+
+
+def frozen_active(bn: torch.nn.Module) -> bool:
+    return bool(_FROZEN) and bn in _FROZEN
 
 
 def _state(t: Optional[Tensor]):
-    return None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+    if t is None:
+        return None
+    version = None if t.is_inference() else t._version   # inference tensors carry no version counter
+    return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
 
 
-def folded(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Tuple[Tensor, Tensor]:
-    """:func:`fold` of (conv, bn)'s current parameters and running statistics.
+def _same_values(snapshot, tensors) -> bool:
+    return all((a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(snapshot, tensors))
 
-    With autograd off (inference) the result is cached on the BatchNorm module and reused until any of
-    the tensors it was made from changes: another tensor object or storage (``.to()``, ``.half()``,
-    ``p.data = ...``) or an in-place write (an optimizer step, ``load_state_dict``, a training-mode
-    forward updating the running statistics: each bumps the tensor's version counter). With autograd
-    on (fine-tuning with frozen BatchNorm) it is recomputed on every call, so gradients flow."""
-    args = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return fold(*args, eps)
-    key = (tuple(_state(t) for t in args), eps, torch.is_inference_mode_enabled())
-    hit = _FOLDS.get(bn)
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    w, b = fold(*args, eps)
-    _FOLDS[bn] = (key, w, b)
-    return w, b
+
+def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float,
+                       residual: Optional[Tensor], relu: bool) -> Optional[Tensor]:
+    """Eval-mode conv_bn_act from the cached fold of (conv, bn) (and, on a CPU in fp32 with channels_last
+    data, the folded weight prepacked for oneDNN with add and ReLU as post-ops), or None when the call
+    must take the default path: autograd would need the fold's gradient, or the residual is not a
+    4-D tensor (the default path explains a bad call)."""
+    small = (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if residual is not None and residual.dim() != 4:
+        return None
+    if torch.is_grad_enabled() and (conv.weight.requires_grad or any(t is not None and t.requires_grad for t in small)):
+        return None
+    slot = _FROZEN.get(bn)
+    if slot is None:
+        return None
+    key = (generation, _state(conv.weight), tuple(_state(t) for t in small), eps, torch.is_inference_mode_enabled())
+    entry = slot[1]
+    if entry is None or entry[0] != key or not _same_values(entry[5], small):
+        w, b = fold(conv.weight, *small, eps)
+        entry = slot[1] = [key, w, b, None, None, tuple(None if t is None else t.detach().clone() for t in small)]
+    _, w, b, packed, packed_for, _ = entry
+    geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+    if _onednn_usable(conv, x, residual):
+        shape = (tuple(x.shape), geometry)
+        try:
+            if packed is None or packed_for != shape:
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(conv.padding),
+                                                                   list(conv.stride), list(conv.dilation),
+                                                                   conv.groups, list(x.shape))
+                entry[3], entry[4] = packed, shape
+            y = conv_bn_act_onednn(x, packed, b, residual, conv.stride, conv.padding, conv.dilation,
+                                   conv.groups, relu)
+            fmt = memory_format_of(x)
+            return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+        except RuntimeError as e:  # a case this oneDNN build rejects: aten's conv
+            logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
+    out = conv_out_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+    if residual is not None and list(residual.shape) != out:
+        return None   # broadcast by the add: a bad call, which the default path explains
+    try:
+        return conv_bn_act_folded(x, w, b, residual, list(conv.stride), list(conv.padding), list(conv.dilation),
+                                  conv.groups, relu)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return None   # a bad call: the default path raises the error that explains it

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.nn import conv_bn_act_modules, plain_forward_needed, unfusable_reason
+from fastres.nn import conv_bn_act_modules, is_plain_relu, plain_forward_needed, unfusable_reason
 
 Tensor = torch.Tensor
 
@@ -151,9 +151,11 @@ class BasicBlock(nn.Module):
 
 def _plain_needed(block: nn.Module) -> bool:
     """A block runs its modules one by one, exactly as torchvision's forward does, when torch.fx traces
-    it or any of its modules has hooks (see fastres.nn.plain_forward_needed)."""
+    it, any of its modules has hooks (see fastres.nn.plain_forward_needed), or its `relu` is not a plain
+    nn.ReLU (replaced by another activation: the fused ReLU would stand in for a module that is not there).
+    Checked on every call."""
     # every module inside the block (the block's own hooks run anyway: it is called as a module)
-    return plain_forward_needed(*list(block.modules())[1:])
+    return not is_plain_relu(block.relu) or plain_forward_needed(*list(block.modules())[1:])
 
 
 def plain_block_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -305,8 +307,9 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
-    """relu(bn1(conv1(x))): fused, or module by module under torch.fx / with hooks."""
-    if plain_forward_needed(model.conv1, model.bn1, model.relu):
+    """relu(bn1(conv1(x))): fused, or module by module under torch.fx, with hooks, or when `relu` is not
+    a plain nn.ReLU."""
+    if not is_plain_relu(model.relu) or plain_forward_needed(model.conv1, model.bn1, model.relu):
         return model.relu(model.bn1(model.conv1(x)))
     return conv_bn_act_modules(x, model.conv1, model.bn1, relu=True)
 

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
+from fastres.errors import InputDtypeError, InputShapeError
 from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
 
 Tensor = torch.Tensor
@@ -206,16 +207,17 @@ def _pair(v: IntPair, name: str) -> List[int]:
 
 def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
            stride, padding, dilation, groups: int, training: bool) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        got = f"{x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"conv_bn_act: expected a 4-D input (N, C, H, W), got {got} input")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"conv_bn_act: expected a 4-D tensor input (N, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise InputShapeError(f"conv_bn_act: expected a 4-D input (N, C, H, W), got {x.dim()}-D input")
     if not x.is_floating_point():
-        raise TypeError(f"conv_bn_act: expected a floating-point input (float32, float16, bfloat16 or float64), "
+        raise InputDtypeError(f"conv_bn_act: expected a floating-point input (float32, float16, bfloat16 or float64), "
                         f"got {x.dtype}")
     if weight.dim() != 4:
-        raise ValueError(f"conv_bn_act: expected a 4-D weight (Cout, Cin/groups, kH, kW), got {weight.dim()}-D")
+        raise InputShapeError(f"conv_bn_act: expected a 4-D weight (Cout, Cin/groups, kH, kW), got {weight.dim()}-D")
     if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"conv_bn_act: expected input with {weight.shape[1] * groups} channels "
+        raise InputShapeError(f"conv_bn_act: expected input with {weight.shape[1] * groups} channels "
                          f"(weight {tuple(weight.shape)}, groups={groups}), got input of shape {tuple(x.shape)} "
                          f"with {x.shape[1]} channels")
     for name, t in (("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
@@ -226,17 +228,17 @@ def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, ru
     for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and tuple(t.shape) != (c,):
-            raise ValueError(f"conv_bn_act: expected {name} of shape ({c},), got {tuple(t.shape)}")
+            raise InputShapeError(f"conv_bn_act: expected {name} of shape ({c},), got {tuple(t.shape)}")
     if (running_mean is None) != (running_var is None):
-        raise ValueError("conv_bn_act: running_mean and running_var must be given together")
+        raise InputShapeError("conv_bn_act: running_mean and running_var must be given together")
     if not training and running_mean is None:
-        raise ValueError("conv_bn_act: eval mode (training=False) needs running_mean and running_var")
+        raise InputShapeError("conv_bn_act: eval mode (training=False) needs running_mean and running_var")
     shape = conv_out_shape(x.shape, weight.shape, stride, padding, dilation)
     if shape[2] <= 0 or shape[3] <= 0:
-        raise ValueError(f"conv_bn_act: input {tuple(x.shape)} is too small for a {tuple(weight.shape[2:])} "
+        raise InputShapeError(f"conv_bn_act: input {tuple(x.shape)} is too small for a {tuple(weight.shape[2:])} "
                          f"kernel with padding {padding}, dilation {dilation}")
     if residual is not None and list(residual.shape) != shape:
-        raise ValueError(f"conv_bn_act: expected residual of shape {tuple(shape)} (the conv output), "
+        raise InputShapeError(f"conv_bn_act: expected residual of shape {tuple(shape)} (the conv output), "
                          f"got {tuple(residual.shape)}")
     if training and shape[0] * shape[2] * shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
@@ -275,7 +277,7 @@ def explain(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, r
            dilation, groups, training)
     dev = x.device.type
     if not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)) and weight.dtype != x.dtype:
-        raise TypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
+        raise InputDtypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
                         f"(float32, float16, bfloat16 and float64 work; use autocast or convert the model "
                         f"with .to(dtype))")
 
@@ -337,7 +339,7 @@ def _fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, resid
         bias = bias.to(dt) if bias is not None else None
         residual = residual.to(dt) if residual is not None else None
     if residual is not None and residual.dtype != x.dtype:
-        raise TypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
+        raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
     return _ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                             stride, padding, dilation, int(groups), bool(training), float(momentum),
                             float(eps), bool(relu))

@@ -181,34 +181,6 @@ def test_deepcopy_pickle_and_torch_save_of_the_whole_model():
             torch.testing.assert_close(other(x), want)
 
 
-def test_eval_fold_cache_follows_every_change_of_the_weights():
-    """The folded eval weights are cached while autograd is off: every way of changing the model
-    (an optimizer step, load_state_dict, .to(dtype), running-stat updates) must refold."""
-    model = fastres.FusedResNet18(num_classes=10)
-    twin = torchvision.models.resnet18(num_classes=10)
-    twin.load_state_dict(model.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-
-    def check():
-        model.eval(), twin.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), twin(x), rtol=1e-4, atol=1e-5)
-
-    check()
-    for m in (model, twin):  # a training step: parameters and running statistics change in place
-        m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-        nn.functional.cross_entropy(m(x), torch.arange(2)).backward()
-        opt.step()
-    check()
-    other = torchvision.models.resnet18(num_classes=10)
-    model.load_state_dict(other.state_dict()), twin.load_state_dict(other.state_dict())
-    check()
-    model.double(), twin.double()
-    x = x.double()
-    check()
-
-
 def test_frozen_bn_and_gradient_accumulation_train_like_torchvision():
     tv = torchvision.models.resnet18(num_classes=10)
     fr = fastres.FusedResNet18(num_classes=10)

@@ -1,6 +1,6 @@
-"""The torch backend as production path: BatchNorm folded into the conv in eval mode (fp32 within the
-house rule; fp16 / bf16 within twice torchvision's own error), training on aten's own batch norm
-(the same ops as torchvision, so the same results), on a CPU and (marker gpu) on CUDA tensors."""
+"""The torch backend as production path: training and eval on torchvision's own aten ops (the same
+results), BatchNorm folded into the conv inside fastres.frozen (fp32 within the house rule; fp16 / bf16
+within twice torchvision's own error), on a CPU and (marker gpu) on CUDA tensors."""
 import copy
 
 import pytest
@@ -22,23 +22,33 @@ def twins(device="cpu", seed=0):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_eval_fold_fp32_is_as_good_as_torchvision(channels_last):
+def test_eval_runs_torchvisions_ops_so_results_are_equal(channels_last):
+    tv, fr = twins()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    tv, fr = tv.eval().to(memory_format=fmt), fr.eval().to(memory_format=fmt)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        torch.testing.assert_close(fr(x), tv(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_eval_fold_fp32_is_as_good_as_torchvision(channels_last):
     tv, fr = twins()
     oracle = copy.deepcopy(tv).double().eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     tv, fr = tv.eval().to(memory_format=fmt), fr.eval().to(memory_format=fmt)
     x = torch.randn(4, 3, 64, 64).contiguous(memory_format=fmt)
-    with torch.no_grad():
+    with torch.no_grad(), fastres.frozen(fr):
         assert_as_good(fr(x), tv(x), oracle(x.double()), "logits")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_eval_fold_under_autocast_within_twice_torchvision_error(dtype):
+def test_frozen_eval_fold_under_autocast_within_twice_torchvision_error(dtype):
     tv, fr = twins()
     oracle = copy.deepcopy(tv).double().eval()
     tv, fr = tv.eval(), fr.eval()
     x = torch.randn(4, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad(), fastres.frozen(fr):
         want = oracle(x.double())
         with torch.autocast("cpu", dtype=dtype):
             got, ref = fr(x), tv(x)
@@ -85,8 +95,9 @@ def test_torch_path_on_cuda_tensors(amp):
 @pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_onednn_inference_path_runs_and_is_as_good_as_aten(monkeypatch, relu, residual, channels_last):
-    """On a CPU in fp32 with autograd off, eval runs oneDNN's conv with add / ReLU post-ops; its
-    result holds the house rule against the float64 oracle, and switching it off gives the aten path."""
+    """Inside fastres.frozen, on a CPU in fp32 with autograd off, eval runs oneDNN's conv with add / ReLU
+    post-ops; its result holds the house rule against the float64 oracle, and switching it off gives the
+    aten path; outside frozen() oneDNN's prepacked path is never used."""
     import fastres.backends.torch as tb
 
     used = []
@@ -103,6 +114,9 @@ def test_onednn_inference_path_runs_and_is_as_good_as_aten(monkeypatch, relu, re
     res = torch.randn(4, 16, 12, 12).contiguous(memory_format=fmt) if residual else None
     twin = torch.nn.Sequential(copy.deepcopy(layer.conv), copy.deepcopy(layer.bn)).eval()
     with torch.no_grad():
+        layer(x, res)
+        assert used == []
+    with torch.no_grad(), fastres.frozen(layer):
         got = layer(x, res)
         ref, oracle = twin(x), copy.deepcopy(twin).double()(x.double())
         if residual:

@@ -1,0 +1,20 @@
+"""The exceptions fastres raises for a bad call, typed as PyTorch's own layers would raise them.
+
+A torchvision ResNet reports a wrong channel count, shape or dtype with a RuntimeError (from aten's
+convolution); fastres says more precisely what was expected, and its errors derive from RuntimeError
+too, so code written against torchvision keeps catching them. They also derive from ValueError /
+TypeError, which is what the message describes. (BatchNorm's own ValueErrors, "expected 4D input" and
+"Expected more than 1 value per channel when training", stay plain ValueErrors, as nn.BatchNorm2d
+raises them.)
+"""
+from __future__ import annotations
+
+__all__ = ["InputShapeError", "InputDtypeError"]
+
+
+class InputShapeError(RuntimeError, ValueError):
+    """A tensor of the wrong rank, channel count or shape (aten raises RuntimeError for these)."""
+
+
+class InputDtypeError(RuntimeError, TypeError):
+    """A tensor of the wrong dtype (aten raises RuntimeError for these)."""

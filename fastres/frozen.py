@@ -1,0 +1,69 @@
+"""fastres.frozen(model): inference with BatchNorm folded into the convolutions, computed once.
+
+By default a fastres model in eval mode runs torchvision's own ops on the live parameters and buffers
+on every call, so no edit of any kind can make it stale. Serving and evaluation loops that do not
+touch the weights can ask for more: inside ``with fastres.frozen(model):`` each (conv, BatchNorm) pair
+of `model` that runs on the torch backend in eval mode folds BatchNorm into the convolution once and
+keeps the result (on a CPU, in fp32, with channels_last input, the folded weight is also prepacked for
+oneDNN with the residual add and ReLU as post-ops).
+
+The contract: inside the context a fold is remade on its next use after
+- any change of value of a conv bias, a BatchNorm weight, bias or running statistic, however it was
+  made (a training-mode forward, recalibration, ``.data`` edits, load_state_dict): these are C numbers
+  per layer and are compared on every call;
+- any torch.optim optimizer step (fused, foreach or for-loop), anywhere;
+- any change of tensor object, storage, dtype, device or shape behind a conv weight (``.to()``,
+  ``.half()``, ``p.data = t``, ``load_state_dict(assign=True)``), and any in-place write through the
+  conv weight itself (``copy_``, ``mul_`` under ``torch.no_grad()``, ``load_state_dict``: they move
+  its version counter);
+- :meth:`frozen.refresh`.
+What no cache can see, and what therefore needs ``refresh()`` inside the context: an in-place edit of a
+conv weight through ``w.data`` (it has its own version counter) or of a conv weight that is an inference
+tensor (those have none). On exit every fold of `model` is dropped; nothing outlives the context. Calls
+that need gradients of the weights (autograd on, parameters requiring grad), torch.compile, export and
+tracing take the default path inside the context too.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch.nn as nn
+
+from fastres.backends import torch as aten_backend
+from fastres.nn import is_frozen_bn
+
+__all__ = ["frozen"]
+
+
+class frozen:
+    """Context manager: ``with fastres.frozen(model) as f: ...``; ``f.refresh()`` after an edit the
+    cache cannot see (see the module docstring for the whole contract). Re-entrant and nestable."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastres.frozen: expected an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._bns: List[nn.Module] = []
+        self._depth = 0
+
+    def __enter__(self) -> "frozen":
+        if self._depth == 0:
+            self._bns = [m for m in self.model.modules()
+                         if isinstance(m, nn.modules.batchnorm._NormBase) or is_frozen_bn(m)]
+            aten_backend.freeze(self._bns)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            aten_backend.thaw(self._bns)
+            self._bns = []
+
+    def refresh(self) -> None:
+        """Remake every fold on its next use (after an edit through ``.data`` and the like)."""
+        aten_backend.refresh()
+
+    def __repr__(self) -> str:
+        state = "active" if self._depth else "inactive"
+        return f"fastres.frozen({type(self.model).__name__}, {state}, {len(self._bns)} BatchNorm modules)"
