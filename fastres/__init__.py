@@ -4,14 +4,13 @@
 """
 from fastres import backend  # noqa: F401  (fastres.backend: the public name of fastres.backends)
 from fastres.backends import BackendUnavailableError, get_backend, set_backend, use_backend
-from fastres.convert import ConversionReport, convert  # the name fastres.convert is the function
+from fastres.convert import ConversionReport, UnfuseReport, convert, unfuse  # fastres.convert: the function
 from fastres.errors import InputDtypeError, InputShapeError
 from fastres.frozen import frozen
 from fastres.models import *  # noqa: F401,F403  (the model zoo; names in fastres.models.__all__)
 from fastres.models import __all__ as _models_all
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
 from fastres.ops import conv_bn_act
-from fastres.unfuse import UnfuseReport, unfuse  # the name fastres.unfuse is the function
 
 __version__ = "0.1.0"
 

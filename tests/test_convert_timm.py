@@ -15,7 +15,7 @@ from fastres.convert import convert
 
 timm = pytest.importorskip("timm", reason="timm is needed for its ResNets")
 tr = importlib.import_module("timm.models.resnet")
-ct = importlib.import_module("fastres.convert_timm")
+ct = importlib.import_module("fastres.convert")  # the package: its __getattr__ names the converted classes
 
 
 def make(name, seed=0, **kw):

@@ -13,7 +13,7 @@ from fastres.convert import FusedSequential, convert
 from fastres.models import FusedResNet18, FusedResNet50, plain18, resnet20
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
 
-uf = importlib.import_module("fastres.unfuse")
+uf = importlib.import_module("fastres.convert.unfuse")
 unfuse = uf.unfuse
 tv = pytest.importorskip("torchvision.models.resnet", reason="torchvision is needed as the reference")
 

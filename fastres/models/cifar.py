@@ -63,6 +63,14 @@ class CifarResNet(nn.Module):
         return f"depth={self.depth}, shortcut={self.shortcut!r}"
 
 
+def cifar_plain_forward(self, x: Tensor) -> Tensor:
+    """CifarResNet's forward module by module (fastres.unfuse's PlainCifarResNet.forward)."""
+    x = self.relu(self.bn1(self.conv1(x)))
+    x = self.layer3(self.layer2(self.layer1(x)))
+    x = torch.flatten(self.avgpool(x), 1)
+    return self.fc(x)
+
+
 def _factory(depth: int, shortcut: Optional[str]):
     def build(**kwargs) -> CifarResNet:
         return CifarResNet(depth, **{"shortcut": shortcut, **kwargs})

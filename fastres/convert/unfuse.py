@@ -17,27 +17,31 @@ forward is their own) and listed in the report, stored as ``model.fastres_report
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.convert import FusedSequential, _torchvision_classes
-from fastres.convert_timm import timm_classes
-from fastres.models.cifar import CifarResNet
-from fastres.models.resnet import BasicBlock, Bottleneck, FusedResNet
+from fastres.convert.chains import FusedSequential
+from fastres.convert.report import UnfuseReport, finish
+from fastres.convert.timm import timm_classes
+from fastres.convert.torchvision import torchvision_classes
+from fastres.models.cifar import CifarResNet, cifar_plain_forward
+from fastres.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    FusedResNet,
+    basic_block_plain_forward,
+    bottleneck_plain_forward,
+    resnet_plain_forward,
+)
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
 
 Tensor = torch.Tensor
 
 __all__ = ["unfuse", "UnfuseReport", "PlainResNet", "PlainBasicBlock", "PlainBottleneck", "PlainCifarResNet",
            "PlainConvBN2d", "PlainConvBNReLU2d", "refuse_classes"]
-
-log = logging.getLogger("fastres")
-
 
 class PlainConvBN2d(FusedConvBN2d):
     """FusedConvBN2d unfused: conv, bn, (+ residual), (ReLU), each module called."""
@@ -58,58 +62,28 @@ class PlainConvBNReLU2d(PlainConvBN2d, FusedConvBNReLU2d):
 class PlainBasicBlock(BasicBlock):
     """fastres BasicBlock unfused: torchvision's BasicBlock forward (no add for a plain block)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.shortcut is not None:
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            out += identity
-        return self.relu(out)
+    forward = basic_block_plain_forward
 
 
 class PlainBottleneck(Bottleneck):
     """fastres Bottleneck unfused: torchvision's Bottleneck forward (no add for a plain block)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.shortcut is not None:
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            out += identity
-        return self.relu(out)
+    forward = bottleneck_plain_forward
 
 
 class PlainResNet(FusedResNet):
     """FusedResNet unfused: torchvision's ResNet forward."""
 
-    def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+    forward = resnet_plain_forward
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward_impl(x)
+    def _forward_impl(self, x: Tensor) -> Tensor:   # torchvision's name for it; forward does not call it
+        return self.forward(x)
 
 
 class PlainCifarResNet(CifarResNet):
     """CifarResNet unfused: stem conv, bn, ReLU, the three stages, pool, fc, each module called."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
+    forward = cifar_plain_forward
 
 
 _PLAIN: Dict[type, type] = {
@@ -121,20 +95,6 @@ _PLAIN: Dict[type, type] = {
 def refuse_classes() -> Dict[type, type]:
     """{plain class: the fastres fused class it came from} (what convert() swaps back)."""
     return {plain: fused for fused, plain in _PLAIN.items()}
-
-
-@dataclasses.dataclass
-class UnfuseReport:
-    """What unfuse() restored (module name, old class -> new class) and left alone (module name, why)."""
-
-    restored: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
-    left_alone: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"fastres.unfuse: restored {len(self.restored)}, left alone {len(self.left_alone)}"]
-        lines += [f"  restored    {name or '<model>'}: {what}" for name, what in self.restored]
-        lines += [f"  left alone  {name or '<model>'}: {why}" for name, why in self.left_alone]
-        return "\n".join(lines)
 
 
 def _torchvision_shaped(model: nn.Module) -> Optional[List[nn.Module]]:
@@ -178,7 +138,7 @@ def unfuse(model: nn.Module, verbose: bool = False) -> nn.Module:
     "fastres" logger and printed when `verbose`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfuse: expected an nn.Module, got {type(model).__name__}")
-    back = {conv: base for base, conv in {**_torchvision_classes(), **timm_classes()}.items()}
+    back = {conv: base for base, conv in {**torchvision_classes(), **timm_classes()}.items()}
     back[FusedSequential] = nn.Sequential
     fused_kinds = tuple(back) + tuple(_PLAIN)
     to_tv = _to_torchvision(model)
@@ -196,8 +156,4 @@ def unfuse(model: nn.Module, verbose: bool = False) -> nn.Module:
         elif isinstance(m, fused_kinds) and old not in _PLAIN.values():
             report.left_alone.append((name, f"{old.__name__} subclasses a fused class with its own code: "
                                             f"its forward is kept"))
-    object.__setattr__(model, "fastres_report", report)
-    log.info("%s", report)
-    if verbose:
-        print(report)
-    return model
+    return finish(model, report, verbose)

@@ -26,14 +26,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 import torch
 import torch.nn as nn
 
-from fastres.convert import ConversionReport, FusedSequential, _join, chain_at, run_chains
+from fastres.convert.chains import FusedSequential, chain_at, run_chains
+from fastres.convert.report import ConversionReport, join
 from fastres.nn import conv_bn_act_modules, is_plain_relu, module_hooked, plain_forward_needed, unfusable_reason
 
 Tensor = torch.Tensor
 
-__all__ = ["timm_classes", "convert_timm_module"]
+__all__ = ["timm_classes", "convert_timm_module", "converted_class", "CLASS_NAMES"]
 
-_NAMES = ("ConvertedTimmResNet", "ConvertedTimmBasicBlock", "ConvertedTimmBottleneck")
+CLASS_NAMES = ("ConvertedTimmResNet", "ConvertedTimmBasicBlock", "ConvertedTimmBottleneck")
 _classes: Dict[str, type] = {}
 _SEQUENTIALS = (nn.Sequential, FusedSequential)
 
@@ -141,7 +142,7 @@ def _build(tr) -> None:
         fn = make(base)
         fn.__qualname__ = f"{name}.{method}"
         doc = f"timm's {base.__name__}, converted by fastres.convert: its {method} runs fused."
-        _classes[name] = type(name, (base,), {method: fn, "__module__": __name__, "__qualname__": name,
+        _classes[name] = type(name, (base,), {method: fn, "__module__": "fastres.convert", "__qualname__": name,
                                               "__doc__": doc})
 
 
@@ -156,15 +157,16 @@ def timm_classes() -> Dict[type, type]:
     return {cls.__mro__[1]: cls for cls in _classes.values()}
 
 
-def __getattr__(name: str):  # pickled converted models load again (timm imported on demand)
-    if name in _NAMES:
+def converted_class(name: str) -> type:
+    """The converted timm class called `name` (pickled converted models load again: timm imported on demand)."""
+    if name in CLASS_NAMES:
         try:
             import timm.models.resnet  # noqa: F401
         except ImportError:
             raise AttributeError(f"{__name__}.{name} needs timm, which is not installed") from None
         timm_classes()
         return _classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise KeyError(name)
 
 
 def _extras(m: nn.Module) -> List[str]:
@@ -201,7 +203,7 @@ def convert_timm_module(name: str, m: nn.Module, classes: Dict[type, type], repo
                 covered.add(id(last[0]))
                 why = unfusable_reason(last[0], m.bn1)
                 if why is not None:
-                    report.left_alone.append((_join(name, f"conv1.{len(stem) - 1}"),
+                    report.left_alone.append((join(name, f"conv1.{len(stem) - 1}"),
                                               f"runs unfused inside the fused stem: {why}"))
             pairs = []
         extras = [] if is_plain_relu(m.act1) else [f"act1 ({type(m.act1).__name__})"]
@@ -222,7 +224,7 @@ def convert_timm_module(name: str, m: nn.Module, classes: Dict[type, type], repo
         covered.add(id(conv))
         why = unfusable_reason(conv, getattr(m, b))
         if why is not None:
-            report.left_alone.append((_join(name, c), f"runs unfused inside the fused module: {why}"))
+            report.left_alone.append((join(name, c), f"runs unfused inside the fused module: {why}"))
     for attr, seq in seqs:
         if seq is None or type(seq) not in _SEQUENTIALS:
             continue
@@ -233,4 +235,4 @@ def convert_timm_module(name: str, m: nn.Module, classes: Dict[type, type], repo
                 covered.add(id(child))
                 _, why = chain_at(mods, i)
                 if why is not None:
-                    report.left_alone.append((_join(name, f"{attr}.{keys[i]}"), why))
+                    report.left_alone.append((join(name, f"{attr}.{keys[i]}"), why))
