@@ -108,8 +108,7 @@ def _needs_sync(bn: nn.Module) -> bool:
 
 
 def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor], relu: bool) -> Tensor:
-    if not torch.compiler.is_compiling() and not is_fx_tracing():
-        backend.calls[("conv_bn_act", "forward", "unfused")] += 1
+    backend.count("conv_bn_act", "forward", "unfused")
     y = bn(conv(x))
     if residual is not None:
         y = y + residual
@@ -174,7 +173,7 @@ def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor],
             and backend.resolve_cached("conv_bn_act", x.device) == "torch":
         y = aten_backend.conv_bn_act_frozen(x, conv, bn, eps, residual, relu)
         if y is not None:
-            backend.calls[("conv_bn_act", "forward", "torch")] += 1
+            backend.count("conv_bn_act", "forward", "torch")
             return y
     return conv_bn_act(
         x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,

@@ -65,7 +65,8 @@ def test_uncovered_call_runs_torch_and_is_counted(monkeypatch):
     fake = types.ModuleType("fake_backend")
     fake.conv_bn_act_supports = lambda **kw: "groups=2" if kw["groups"] != 1 else None
     fake.conv_bn_act_forward = lambda *a: "fake"
-    monkeypatch.setitem(backend._IMPL_MODULES, "triton", "fake_backend")
+    fake.device_reason = lambda device: None
+    monkeypatch.setitem(backend.REGISTRY, "triton", "fake_backend")
     monkeypatch.setitem(sys.modules, "fake_backend", fake)
     monkeypatch.setitem(backend._modules, "triton", fake)  # an earlier test may have imported the real one
     monkeypatch.setattr(backend, "_requested", "triton")

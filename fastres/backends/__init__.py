@@ -51,11 +51,12 @@ import contextlib
 import importlib
 import logging
 import os
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch as _torch  # (not `torch`: that name is the submodule fastres.backends.torch)
+from torch.fx import _symbolic_trace as _st
 
-from fastres.kernels import interpreter_active
+from fastres.kernels import interpreter_active  # noqa: F401  (re-exported: tests ask fastres.backend)
 
 __all__ = [
     "BACKENDS",
@@ -67,22 +68,30 @@ __all__ = [
     "resolve",
     "resolve_cached",
     "implementation",
+    "choose",
+    "count",
     "module",
+    "runs_here",
+    "table",
+    "REGISTRY",
     "calls",
 ]
 
 log = logging.getLogger("fastres")
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+# True inside torch.fx.symbolic_trace (not inside torch.export, which traces the fused path itself).
+_fx_tracing = getattr(_st, "is_fx_symbolic_tracing", None) or _st.is_fx_tracing
 
-# Where each concrete backend's implementation of every fused op lives. A module listed here exposes,
-# for an op named OP: OP_forward, OP_backward and optionally OP_supports (returns None when it can
-# serve the call, or a short reason when it cannot).
-_IMPL_MODULES = {
-    "torch": "fastres.backends.torch",
+# The registry: one line per backend. Each module declares itself (NAME, DEVICES, DTYPES, OPS,
+# available() -> (bool, reason), device_reason(device) -> reason or None) and implements, for every op
+# OP it lists, OP_forward, OP_backward and OP_supports(**call) -> None or a reason (or a list of them).
+# Everything that lists backends (info, bench, parity, the tests, "auto") reads this table.
+REGISTRY: Dict[str, str] = {
     "triton": "fastres.backends.triton",
     "cuda": "fastres.backends.cuda",
+    "torch": "fastres.backends.torch",
 }
+BACKENDS = ("auto",) + tuple(REGISTRY)
 
 # "auto" on CUDA tensors: per op, the backends in order of preference, filled in from the recorded GPU
 # runs (benchmarks/results/): the faster of cuda and triton first, and only backends whose GPU tests
@@ -118,7 +127,7 @@ def set_backend(name: str) -> None:
     """
     global _requested
     name = _validate(name)
-    if name in ("triton", "cuda"):
+    if name != "auto":
         ok, why = available(name)
         if not ok:
             raise BackendUnavailableError(f"fastres backend {name!r} is not available: {why}")
@@ -143,40 +152,51 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def available(name: str) -> Tuple[bool, str]:
-    """Whether a concrete backend is installed/built here, and if not, why. Device-independent."""
+    """Whether a concrete backend is installed/built here, and if not, why (its module's own answer, or
+    why the module cannot be imported). Device-independent: see :func:`runs_here` for this machine."""
     name = _validate(name)
-    if name in ("auto", "torch"):
+    if name == "auto":
         return True, ""
-    if name == "triton":
-        try:
-            import triton  # noqa: F401
-        except Exception as e:  # ImportError, or a broken install
-            return False, f"triton cannot be imported ({e})"
-        try:
-            importlib.import_module(_IMPL_MODULES["triton"])
-        except Exception as e:
-            return False, f"fastres.kernels cannot be imported ({type(e).__name__}: {e})"
-        return True, ""
-    # cuda
-    from fastres import _ext
-
-    return _ext.status()
+    try:
+        mod = module(name)
+    except ImportError as e:   # not installed / not built: the module says why
+        return False, str(e)
+    except Exception as e:     # a broken install
+        return False, f"{REGISTRY[name]} cannot be imported ({type(e).__name__}: {e})"
+    return mod.available()
 
 
 def _device_check(name: str, device: _torch.device) -> Optional[str]:
-    """Why `name` cannot run on tensors of `device`, or None when it can."""
-    if name == "torch":
-        return None
-    if name == "triton":
-        if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
-            return None
-        return (f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
-                f"before triton is imported); got tensors on {device}")
-    if name == "cuda":
-        if device.type == "cuda":
-            return None
-        return f"the cuda backend needs CUDA tensors; got tensors on {device}"
-    raise AssertionError(name)
+    """Why `name` cannot run on tensors of `device`, or None when it can (the backend's declaration)."""
+    return module(name).device_reason(device)
+
+
+def runs_here(name: str) -> Tuple[bool, str]:
+    """Whether backend `name` can run a call on this machine now: available, and a device it serves is
+    present (CUDA for triton and cuda; CPU tensors through Triton's interpreter count for triton)."""
+    ok, why = available(name)
+    if not ok or name in ("auto", "torch"):
+        return ok, why
+    devices = [_torch.device("cuda")] if _torch.cuda.is_available() else []
+    devices.append(_torch.device("cpu"))
+    whys = [_device_check(name, d) for d in devices]
+    if all(w is not None for w in whys):
+        return False, whys[0]
+    return True, ""
+
+
+def table() -> List[dict]:
+    """One row per registered backend: name, devices, dtypes, ops, available (+ why not), runs here."""
+    rows = []
+    for name in REGISTRY:
+        ok, why = available(name)
+        here, why_here = runs_here(name) if ok else (False, why)
+        mod = module(name) if ok else None
+        rows.append(dict(name=name, devices=tuple(getattr(mod, "DEVICES", ())),
+                         dtypes=tuple(str(d).replace("torch.", "") for d in getattr(mod, "DTYPES", ())),
+                         ops=tuple(getattr(mod, "OPS", ())), available=ok, runs_here=here,
+                         reason=why or why_here))
+    return rows
 
 
 # (op, device type, requested backend) -> the concrete backend resolve() chose. Whether a backend is
@@ -221,28 +241,46 @@ def module(name: str):
     """The module implementing backend `name` (imported once)."""
     mod = _modules.get(name)
     if mod is None:
-        mod = _modules[name] = importlib.import_module(_IMPL_MODULES[name])
+        mod = _modules[name] = importlib.import_module(REGISTRY[name])
     return mod
 
 
-_module = module
+def reasons(name: str, op: str, **call) -> List[str]:
+    """Why backend `name`'s kernels do not cover this call of `op` (empty when they do)."""
+    supports = getattr(module(name), f"{op}_supports", None)
+    why = None if supports is None else supports(**call)
+    if why is None:
+        return []
+    return [why] if isinstance(why, str) else list(why)
+
+
+def count(op: str, phase: str, name: str) -> None:
+    """Count one call of `op`'s `phase` on backend `name` (or "unfused", "<name>->torch") in
+    :data:`calls`; not while torch.compile or torch.fx traces (the traced code counts when it runs)."""
+    if not _torch.compiler.is_compiling() and not _fx_tracing():
+        calls[(op, phase, name)] += 1
+
+
+def choose(op: str, phase: str, device: _torch.device, counted: bool = True, aten_reason: Optional[str] = None,
+           **call) -> str:
+    """The one choice of a call: the backend resolved for (op, device, user's choice), handed to torch
+    when its kernels do not cover the call or `aten_reason` says the call must be aten ops (logged at
+    DEBUG). Counted once, under what runs: the backend's name, or "<name>->torch" for a hand-over."""
+    name = resolve_cached(op, device)
+    ran = name
+    if name != "torch":
+        why = [aten_reason] if aten_reason is not None else reasons(name, op, **call)
+        if why:
+            log.debug("fastres %s %s: %s backend does not cover this call (%s); running torch",
+                      op, phase, name, "; ".join(why))
+            ran, name = f"{name}->torch", "torch"
+    if counted:
+        count(op, phase, ran)
+    return name
 
 
 def implementation(op: str, phase: str, device: _torch.device, **call) -> Tuple[str, Callable]:
-    """(backend name, function) that runs `op`'s `phase` ("forward" or "backward") for this call.
-
-    `call` holds the op's arguments that decide whether a backend's kernels cover it (shapes, dtypes,
-    conv parameters); a backend that does not cover them hands the call to torch, logged and counted.
-    """
-    name = resolve(op, device)
-    mod = _module(name)
-    supports = getattr(mod, f"{op}_supports", None)
-    if name != "torch" and supports is not None:
-        why = supports(**call)
-        if why is not None:
-            log.debug("fastres %s %s: %s backend does not cover this call (%s); running torch",
-                      op, phase, name, why)
-            calls[(op, phase, f"{name}->torch")] += 1
-            name, mod = "torch", _module("torch")
-    calls[(op, phase, name)] += 1
-    return name, getattr(mod, f"{op}_{phase}")
+    """(backend name, function) that runs `op`'s `phase` ("forward" or "backward") for this call, as
+    :func:`choose` picks it (counted). Used where the choice cannot travel: the custom ops' bodies."""
+    name = choose(op, phase, device, **call)
+    return name, getattr(module(name), f"{op}_{phase}")

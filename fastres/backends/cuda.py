@@ -37,8 +37,26 @@ from fastres.layout import memory_format_of, pack_relu_mask, unpack_relu_mask
 _C = _ext.module()  # ImportError (with the reason) when fastres._C is not built
 
 Tensor = torch.Tensor
+
+# The backend's declaration (read by fastres.backends' registry). Importing this module loaded fastres._C
+# (an ImportError with the reason otherwise).
+NAME = "cuda"
+DEVICES = ("cuda",)
+DTYPES = _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OPS = ("conv_bn_act",)
+
+
+def available() -> Tuple[bool, str]:
+    return _ext.status()
+
+
+def device_reason(device: torch.device) -> Optional[str]:
+    if device.type == "cuda":
+        return None
+    return f"the cuda backend needs CUDA tensors; got tensors on {device}"
+
+
 _CL = torch.channels_last
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["bn_stats", "bn_apply", "bn_backward", "conv_bn_act_forward", "conv_bn_act_backward",
            "conv_bn_act_supports"]

@@ -39,6 +39,21 @@ from fastres.ops.reference import conv_bn_act_backward, conv_bn_act_forward
 
 Tensor = torch.Tensor
 
+# The backend's declaration (read by fastres.backends' registry).
+NAME = "torch"
+DEVICES = ("cpu", "cuda", "meta")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+OPS = ("conv_bn_act",)
+
+
+def available() -> Tuple[bool, str]:
+    return True, ""
+
+
+def device_reason(device: torch.device) -> Optional[str]:
+    """The torch backend runs on every device PyTorch does."""
+    return None
+
 __all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports", "conv_bn_act_aten",
            "conv_bn_act_folded", "conv_bn_act_frozen", "fold", "freeze", "thaw", "refresh"]
 

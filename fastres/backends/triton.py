@@ -10,9 +10,9 @@ Backward:           dz, dgamma, dbeta, dres = bn_backward(...)  (z recomputed by
                     dx, dW, db = aten.convolution_backward(dz)
 The conv writes channels_last; for an NCHW input, z and y are brought to NCHW (one copy each) so that
 every output has the input's memory format and the ReLU bit mask follows y's memory order.
-The conv consumes a channels_last weight in place (others are re-laid once and cached by kernels/conv.py
-until the weight changes). On a GPU it autotunes on the first launch of each shape bucket: before capturing
-a model in a CUDA graph, run fastres.kernels.warmup.warmup(model, example_input) once.
+The conv consumes a channels_last weight in place (others are re-laid on every call by kernels/conv.py:
+nothing derived from a weight is cached across calls). On a GPU it autotunes on the first launch of each
+shape bucket: before capturing a model in a CUDA graph, run fastres.kernels.warmup.warmup(model, x) once.
 """
 from __future__ import annotations
 
@@ -21,11 +21,30 @@ from typing import List, Optional, Tuple
 import torch
 
 from fastres.backends.common import conv_bn_act_grads, eval_stats
+from fastres.kernels import interpreter_active
 from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, pack_mask
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
 from fastres.layout import memory_format_of
 
 Tensor = torch.Tensor
+
+# The backend's declaration (read by fastres.backends' registry). Importing this module imported triton
+# and the kernels, so the backend is available wherever the import succeeds.
+NAME = "triton"
+DEVICES = ("cuda",)   # and CPU tensors through Triton's interpreter (tests)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OPS = ("conv_bn_act",)
+
+
+def available() -> Tuple[bool, str]:
+    return True, ""
+
+
+def device_reason(device: torch.device) -> Optional[str]:
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
+        return None
+    return (f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported); got tensors on {device}")
 
 __all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports"]
 

@@ -134,17 +134,16 @@ class _ConvBNAct(torch.autograd.Function):
     inputs, so it can itself be differentiated."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+    def forward(ctx, name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                 padding, dilation, groups, training, momentum, eps, relu):
         save_mask = relu and any(ctx.needs_input_grad)
         args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
                 dilation, groups, training, momentum, eps, relu, save_mask)
-        if _eager():
-            _, fn = backend.implementation(OP, "forward", x.device, **_support_args(
-                x, weight, residual, stride, padding, dilation, groups, training, relu))
-            y, z, mean, invstd, mask = fn(*args)
+        if _eager():   # the backend conv_bn_act() chose (and counted): no second choice
+            y, z, mean, invstd, mask = backend.module(name).conv_bn_act_forward(*args)
         else:
             y, z, mean, invstd, mask = torch.ops.fastres.conv_bn_act(*args)
+        ctx.backend = name
         ctx.conv = (stride, padding, dilation, groups)
         ctx.training, ctx.relu, ctx.eps = training, relu, eps
         ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None, residual is not None)
@@ -157,10 +156,10 @@ class _ConvBNAct(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias, bn_weight, bn_bias, residual, z, mask, mean, invstd = ctx.saved_tensors
         has_bias, has_gamma, has_beta, has_res = ctx.has
-        ni = ctx.needs_input_grad
+        ni = ctx.needs_input_grad[1:]   # (the first argument is the backend's name)
         needs = [ni[0], ni[1], has_bias and ni[2], has_gamma and ni[3], has_beta and ni[4], has_res and ni[7]]
         if grad_y is None or not any(needs):
-            return (None,) * 16
+            return (None,) * 17
         stride, padding, dilation, groups = ctx.conv
         if torch.is_grad_enabled():
             dx, dw, db, dg, dbeta, dres = _differentiable_backward(
@@ -169,13 +168,13 @@ class _ConvBNAct(torch.autograd.Function):
             bargs = (grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation,
                      groups, ctx.training, ctx.relu, needs)
             if _eager():
-                _, fn = backend.implementation(OP, "backward", x.device, **_support_args(
-                    x, weight, None, stride, padding, dilation, groups, ctx.training, ctx.relu))
-                grads = fn(grad_y.contiguous(memory_format=memory_format_of(x)), *bargs[1:])
+                backend.count(OP, "backward", ctx.backend)
+                grads = backend.module(ctx.backend).conv_bn_act_backward(
+                    grad_y.contiguous(memory_format=memory_format_of(x)), *bargs[1:])
             else:
                 grads = torch.ops.fastres.conv_bn_act_backward(*bargs)
             dx, dw, db, dg, dbeta, dres = (g if need else None for g, need in zip(grads, needs))
-        return (dx, dw, db, dg, dbeta, None, None, dres) + (None,) * 8
+        return (None, dx, dw, db, dg, dbeta, None, None, dres) + (None,) * 8
 
 
 def _differentiable_backward(ctx, grad_y, needs, x, weight, bias, bn_weight, bn_bias, residual):
@@ -265,11 +264,6 @@ def aten_reason(x: Tensor) -> Optional[str]:
     return None
 
 
-def _count(key) -> None:
-    if not torch.compiler.is_compiling():
-        backend.calls[key] += 1
-
-
 def explain(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             stride, padding, dilation, groups: int, training: bool) -> None:
     """Raise the error that says what was expected for a bad call (nothing when the call is good)."""
@@ -303,20 +297,19 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
     if not isinstance(x, Tensor) or x.dim() != 4:
         explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
                 dilation, groups, training)
-    name = backend.resolve_cached(OP, x.device)
-    if name != "torch":
-        why = aten_reason(x) or backend.module(name).conv_bn_act_supports(
-            x, weight, residual, stride, padding, dilation, groups, training, relu)
-        if why is None:
-            return _fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+    if backend.resolve_cached(OP, x.device) != "torch":   # a fused backend is asked for: choose once
+        name = backend.choose(OP, "forward", x.device, counted=_eager(),
+                              aten_reason=aten_reason(x), **_support_args(
+                                  x, weight, residual, stride, padding, dilation, groups, training, relu))
+        if name != "torch":
+            return _fused(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                           padding, dilation, groups, training, momentum, eps, relu)
-        backend.log.debug("fastres %s: %s backend does not cover this call (%s); running torch", OP, name, why)
-        name = f"{name}->torch"
+    else:
+        backend.count(OP, "forward", "torch")
     if residual is not None and list(residual.shape) != conv_out_shape(x.shape, weight.shape, stride, padding,
                                                                        dilation):
         explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
                 dilation, groups, training)
-    _count((OP, "forward", name))
     try:
         y = aten_backend.conv_bn_act_aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                           residual, stride, padding, dilation, groups, training, momentum,
@@ -328,8 +321,8 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
     return y
 
 
-def _fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
-           groups, training, momentum, eps, relu) -> Tensor:
+def _fused(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+           dilation, groups, training, momentum, eps, relu) -> Tensor:
     explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
             dilation, groups, training)
     dev = x.device.type
@@ -340,6 +333,12 @@ def _fused(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, resid
         residual = residual.to(dt) if residual is not None else None
     if residual is not None and residual.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
-    return _ConvBNAct.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+    if _eager() and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual))):
+        # nothing to differentiate: the backend's forward directly, no autograd node, no ReLU mask
+        return backend.module(name).conv_bn_act_forward(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+            int(groups), bool(training), float(momentum), float(eps), bool(relu), False)[0]
+    return _ConvBNAct.apply(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                             stride, padding, dilation, int(groups), bool(training), float(momentum),
                             float(eps), bool(relu))

@@ -3,6 +3,7 @@
 Every kernel test and every parity run compares against these functions (run in float64 for the
 reference, or in the tested dtype for "PyTorch's own error"). They follow the backend contract of
 fastres/backends/__init__.py (same arguments, same outputs), so a test can swap them for any backend.
+It depends on nothing it checks: only PyTorch and the tensor conventions of fastres/layout.py.
 The backward math of conv_bn_act is derived here, once; the kernels point to it.
 
 conv_bn_act, forward (per output channel c, over the N*Ho*Wo positions of z):
@@ -27,7 +28,6 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastres.backends.common import conv_bn_act_grads
 from fastres.layout import memory_format_of, pack_relu_mask, stats_dtype, unpack_relu_mask
 
 Tensor = torch.Tensor
@@ -112,7 +112,14 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
             dz = (g - _bcast(sum_g / n) - xhat * _bcast(sum_gx / n)) * _bcast(scale)
         else:
             dz = g * _bcast(scale)
-        return conv_bn_act_grads(dz.to(x.dtype), x, weight, bias, sum_gx, sum_g, g.to(x.dtype), bn_weight,
-                                 stride, padding, dilation, groups, needs)
+        dz = dz.to(x.dtype)
+        fmt, pdtype = memory_format_of(x), (bn_weight.dtype if bn_weight is not None else ct)
+        dx = (torch.nn.grad.conv2d_input(x.shape, weight, dz, stride, padding, dilation, groups)
+              .contiguous(memory_format=fmt) if need_dx else empty())
+        dw = (torch.nn.grad.conv2d_weight(x, weight.shape, dz, stride, padding, dilation, groups)
+              .to(weight.dtype).contiguous(memory_format=memory_format_of(weight)) if need_dw else empty())
+        db = dz.sum(dim=(0, 2, 3), dtype=_acc_dtype(dz)).to(bias.dtype) if need_db else empty()
+        return (dx, dw, db, sum_gx.to(pdtype) if need_dg else empty(), sum_g.to(pdtype) if need_dbeta else empty(),
+                g.to(x.dtype).contiguous(memory_format=fmt) if need_dres else empty())
 
 
