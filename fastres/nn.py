@@ -29,11 +29,13 @@ from torch.nn.modules import module as _module_mod
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.errors import InputShapeError
-from fastres.ops.conv_bn_act import aten_reason, conv_bn_act
+from fastres.ops.bn_act import bn_act
+from fastres.ops.common import aten_reason
+from fastres.ops.conv_bn_act import conv_bn_act
 
 Tensor = torch.Tensor
 
-__all__ = ["conv_bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
+__all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
            "plain_forward_needed", "is_plain_relu", "FusedConvBN2d", "FusedConvBNReLU2d"]
 
 
@@ -108,11 +110,10 @@ def _needs_sync(bn: nn.Module) -> bool:
 
 
 def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """The conv as its module; the BatchNorm (+ residual) (+ ReLU) after it as the fused op bn_act when
+    the BatchNorm allows it (bn_act_modules decides: otherwise the module runs as itself)."""
     backend.count("conv_bn_act", "forward", "unfused")
-    y = bn(conv(x))
-    if residual is not None:
-        y = y + residual
-    return F.relu(y) if relu else y
+    return bn_act_modules(conv(x), bn, residual, relu)
 
 
 def is_plain_relu(m: object) -> bool:
@@ -143,22 +144,50 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
                               f"of shape {tuple(x.shape)}")
     if is_frozen_bn(bn):  # always eval-mode BatchNorm with its buffers as the affine parameters
         return _eval(x, conv, bn, residual, relu, bn.eps)
-
-    # nn.BatchNorm2d.forward's rules, step for step, except that num_batches_tracked moves only once
-    # the call has been accepted (torchvision's conv rejects a bad input before its BatchNorm runs).
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-    if count and bn.momentum is None:
-        factor = 1.0 / (float(bn.num_batches_tracked) + 1.0)
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if not use_batch_stats:
+    batch_stats, keep, factor, count = _bn_rules(bn)
+    if not batch_stats:
         return _eval(x, conv, bn, residual, relu, bn.eps)
-    keep = not bn.training or bn.track_running_stats
     y = conv_bn_act(
         x, conv.weight, conv.bias, bn.weight, bn.bias,
         bn.running_mean if keep else None, bn.running_var if keep else None, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
         training=True, momentum=factor, eps=bn.eps, relu=relu)
+    if count:
+        bn.num_batches_tracked.add_(1)
+    return y
+
+
+def _bn_rules(bn: nn.Module):
+    """nn.BatchNorm2d.forward's rules, step for step, as (use batch statistics, keep running statistics,
+    the effective momentum, whether num_batches_tracked moves). num_batches_tracked moves only once the
+    call has been accepted (torchvision's conv rejects a bad input before its BatchNorm runs), so the
+    momentum=None factor is computed with its next value."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if count and bn.momentum is None:
+        factor = 1.0 / (float(bn.num_batches_tracked) + 1.0)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return batch_stats, keep, factor, count
+
+
+def bn_act_modules(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """act(bn(x) (+ residual)) as the fused op bn_act, with nn.BatchNorm2d's semantics, for a BatchNorm
+    no fusable conv precedes. The module itself runs (exact) when it is no plain BatchNorm2d, has hooks,
+    is traced by torch.fx, or is a SyncBatchNorm training across processes."""
+    plain = type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)
+    if not plain or plain_forward_needed(bn) or _needs_sync(bn):
+        backend.count("bn_act", "forward", "unfused")
+        y = bn(x)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if relu else y
+    if is_frozen_bn(bn):
+        return bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual, training=False, momentum=0.0,
+                      eps=bn.eps, relu=relu)
+    batch_stats, keep, factor, count = _bn_rules(bn)
+    y = bn_act(x, bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None, residual,
+               training=batch_stats, momentum=factor, eps=bn.eps, relu=relu)
     if count:
         bn.num_batches_tracked.add_(1)
     return y

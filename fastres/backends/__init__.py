@@ -271,8 +271,9 @@ def choose(op: str, phase: str, device: _torch.device, counted: bool = True, ate
     if name != "torch":
         why = [aten_reason] if aten_reason is not None else reasons(name, op, **call)
         if why:
-            log.debug("fastres %s %s: %s backend does not cover this call (%s); running torch",
-                      op, phase, name, "; ".join(why))
+            if not _torch.compiler.is_compiling():   # (a logging call would break the graph)
+                log.debug("fastres %s %s: %s backend does not cover this call (%s); running torch",
+                          op, phase, name, "; ".join(why))
             ran, name = f"{name}->torch", "torch"
     if counted:
         count(op, phase, ran)

@@ -43,7 +43,7 @@ Tensor = torch.Tensor
 NAME = "cuda"
 DEVICES = ("cuda",)
 DTYPES = _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-OPS = ("conv_bn_act",)
+OPS = ("conv_bn_act", "bn_act")
 
 
 def available() -> Tuple[bool, str]:
@@ -59,7 +59,7 @@ def device_reason(device: torch.device) -> Optional[str]:
 _CL = torch.channels_last
 
 __all__ = ["bn_stats", "bn_apply", "bn_backward", "conv_bn_act_forward", "conv_bn_act_backward",
-           "conv_bn_act_supports"]
+           "conv_bn_act_supports", "bn_act_forward", "bn_act_backward", "bn_act_supports"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,3 +195,58 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
                                               relu, needs[5])
         return conv_bn_act_grads(dz, x, weight, bias, dgamma, dbeta, dres, bn_weight, stride, padding,
                                  dilation, groups, needs, conv_layout=_CL)
+
+
+# ------------------------------------------------------------------------------------------------
+# the backend of fastres::bn_act: the same kernels without the conv (z = x, channels_last for the kernels)
+
+def bn_act_supports(x: Tensor, residual: Optional[Tensor], training: bool, relu: bool) -> Optional[str]:
+    if x.dtype not in _DTYPES:
+        return f"the CUDA BatchNorm kernels take float32, float16 or bfloat16, got {x.dtype}"
+    if residual is not None and residual.dtype != x.dtype:
+        return f"residual dtype {residual.dtype} != input dtype {x.dtype}"
+    return None
+
+
+def bn_act_forward(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], residual: Optional[Tensor],
+                   training: bool, momentum: float, eps: float, relu: bool, save_mask: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """As fastres.ops.reference.bn_act_forward: (y, mean, invstd, mask)."""
+    fmt = memory_format_of(x)
+    with torch.autocast(x.device.type, enabled=False):
+        z = _cl(x)
+        if training:
+            mean, invstd = bn_stats(z, running_mean, running_var, momentum, eps)
+        else:
+            assert running_mean is not None and running_var is not None
+            mean, invstd = eval_stats(running_mean, running_var, eps)
+        want_mask = relu and save_mask
+        res = _cl(residual) if residual is not None else None
+        y, mask = bn_apply(z, mean, invstd, bn_weight, bn_bias, res, relu, want_mask and fmt == _CL)
+        if fmt != _CL:
+            y = y.contiguous(memory_format=fmt)
+            if want_mask:
+                mask = pack_relu_mask(y)
+    return y, mean, invstd, mask
+
+
+def bn_act_backward(grad_y: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor,
+                    bn_weight: Optional[Tensor], training: bool, relu: bool, needs: List[bool]
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """As fastres.ops.reference.bn_act_backward: (dx, dbn_weight, dbn_bias, dresidual)."""
+    fmt = memory_format_of(x)
+    with torch.autocast(x.device.type, enabled=False):
+        z = _cl(x)
+        if not relu:
+            mask = z.new_empty(0, dtype=torch.uint8)
+        elif fmt != _CL:
+            mask = mask_nchw_to_nhwc(mask, z.shape)
+        dz, dgamma, dbeta, dres = bn_backward(_cl(grad_y), z, mask, mean, invstd, bn_weight, training, relu,
+                                              needs[3])
+        pdtype = bn_weight.dtype if bn_weight is not None else dgamma.dtype
+
+        def empty() -> Tensor:
+            return x.new_empty(0)
+        return (dz.contiguous(memory_format=fmt) if needs[0] else empty(), dgamma.to(pdtype) if needs[1] else empty(),
+                dbeta.to(pdtype) if needs[2] else empty(), dres.contiguous(memory_format=fmt) if needs[3] else empty())

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.optim import optimizer as _optim
 
 from fastres.layout import conv_out_shape, memory_format_of
-from fastres.ops.reference import conv_bn_act_backward, conv_bn_act_forward
+from fastres.ops.reference import bn_act_backward, bn_act_forward, conv_bn_act_backward, conv_bn_act_forward
 
 Tensor = torch.Tensor
 
@@ -43,7 +43,7 @@ Tensor = torch.Tensor
 NAME = "torch"
 DEVICES = ("cpu", "cuda", "meta")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-OPS = ("conv_bn_act",)
+OPS = ("conv_bn_act", "bn_act")
 
 
 def available() -> Tuple[bool, str]:
@@ -55,12 +55,26 @@ def device_reason(device: torch.device) -> Optional[str]:
     return None
 
 __all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports", "conv_bn_act_aten",
+           "bn_act_forward", "bn_act_backward", "bn_act_supports", "bn_act_aten",
            "conv_bn_act_folded", "conv_bn_act_frozen", "fold", "freeze", "thaw", "refresh"]
 
 
 def conv_bn_act_supports(x, weight, residual, stride, padding, dilation, groups, training, relu):
     """The torch backend runs every call."""
     return None
+
+
+def bn_act_supports(x, residual, training, relu):
+    """The torch backend runs every call."""
+    return None
+
+
+def bn_act_aten(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], residual: Optional[Tensor], training: bool, momentum: float,
+                eps: float, relu: bool) -> Tensor:
+    """act(batch_norm(x) (+ residual)) as aten ops, differentiable (torchvision's ops)."""
+    y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return _epilogue(y, residual, relu)
 
 
 def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from fastres.backends.common import conv_bn_act_grads, eval_stats
 from fastres.kernels import interpreter_active
-from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, pack_mask
+from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, bn_partials, pack_mask
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
 from fastres.layout import memory_format_of
 
@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 NAME = "triton"
 DEVICES = ("cuda",)   # and CPU tensors through Triton's interpreter (tests)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-OPS = ("conv_bn_act",)
+OPS = ("conv_bn_act", "bn_act")
 
 
 def available() -> Tuple[bool, str]:
@@ -46,7 +46,8 @@ def device_reason(device: torch.device) -> Optional[str]:
     return (f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
             f"before triton is imported); got tensors on {device}")
 
-__all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports"]
+__all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports", "bn_act_forward",
+           "bn_act_backward", "bn_act_supports"]
 
 
 def conv_bn_act_supports(x: Tensor, weight: Tensor, residual: Optional[Tensor], stride, padding, dilation,
@@ -116,3 +117,48 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
                                           bool(needs[5]))
     return conv_bn_act_grads(dz, x, weight, bias, sum_gx, sum_g, dres, bn_weight, stride, padding,
                              dilation, groups, needs)
+
+
+# ------------------------------------------------------------------------------------------------
+# bn_act: the same BatchNorm kernels without the conv (z = x)
+# training: mean, invstd = bn_finalize(bn_partials(x))   two launches: tile stats, merge + running update
+#           y, mask = bn_apply(x, ...)                    one launch
+# eval:     y, mask = bn_apply(x, running statistics)     one launch
+# backward: dx, dgamma, dbeta, dres = bn_backward(...)    the BatchNorm backward kernels
+
+def bn_act_supports(x: Tensor, residual: Optional[Tensor], training: bool, relu: bool) -> Optional[str]:
+    if x.dtype not in DTYPES:
+        return f"the Triton BatchNorm kernels take float32, float16 or bfloat16, got {x.dtype}"
+    if residual is not None and (residual.dtype != x.dtype or memory_format_of(residual) != memory_format_of(x)):
+        return "residual dtype or memory format differs from the input's"
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return "a strided input (neither NCHW- nor channels_last-contiguous)"
+    return None
+
+
+def bn_act_forward(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], residual: Optional[Tensor],
+                   training: bool, momentum: float, eps: float, relu: bool, save_mask: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, invstd, mask) as fastres.ops.reference.bn_act_forward."""
+    if training:
+        mean, invstd = bn_finalize(bn_partials(x), running_mean, running_var, momentum, eps)
+    else:
+        assert running_mean is not None and running_var is not None
+        mean, invstd = eval_stats(running_mean, running_var, eps)
+    y, mask = bn_apply(x, mean, invstd, bn_weight, bn_bias, residual, relu, bool(relu and save_mask))
+    return y, mean, invstd, mask
+
+
+def bn_act_backward(grad_y: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor,
+                    bn_weight: Optional[Tensor], training: bool, relu: bool, needs: List[bool]
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dbn_weight, dbn_bias, dresidual) as fastres.ops.reference.bn_act_backward."""
+    dz, sum_gx, sum_g, dres = bn_backward(_in_format(grad_y, memory_format_of(x)), x, mask, mean, invstd,
+                                          bn_weight, training, relu, bool(needs[3]))
+    pdtype = bn_weight.dtype if bn_weight is not None else sum_g.dtype
+
+    def empty() -> Tensor:
+        return x.new_empty(0)
+    return (dz if needs[0] else empty(), sum_gx.to(pdtype) if needs[1] else empty(),
+            sum_g.to(pdtype) if needs[2] else empty(), dres if needs[3] else empty())

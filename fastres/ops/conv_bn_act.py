@@ -32,6 +32,7 @@ from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.errors import InputDtypeError, InputShapeError
 from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
+from fastres.ops.common import aten_reason, autocast_operands, eager
 
 Tensor = torch.Tensor
 OP = "conv_bn_act"
@@ -116,13 +117,6 @@ def _conv_bn_act_backward_flop(grad_y_shape, x_shape, w_shape, *args, out_shape=
     return conv_flop_count(x_shape, w_shape, grad_y_shape, transposed=False) * (int(needs[0]) + int(needs[1]))
 
 
-def _eager() -> bool:
-    """True when a fused backend may run its kernels directly, skipping the custom op's dispatch: plain
-    eager execution. Under torch.compile / torch.export tracing, or with a TorchDispatchMode active
-    (FlopCounterMode, fake tensors, a profiler's mode), the custom op must be what is seen."""
-    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-
-
 class _ConvBNAct(torch.autograd.Function):
     """Autograd of conv_bn_act on a fused backend (triton, cuda). (An op that mutates its inputs - the
     running statistics - cannot take torch.library.register_autograd, so the op is wrapped in an
@@ -139,7 +133,7 @@ class _ConvBNAct(torch.autograd.Function):
         save_mask = relu and any(ctx.needs_input_grad)
         args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
                 dilation, groups, training, momentum, eps, relu, save_mask)
-        if _eager():   # the backend conv_bn_act() chose (and counted): no second choice
+        if eager():   # the backend conv_bn_act() chose (and counted): no second choice
             y, z, mean, invstd, mask = backend.module(name).conv_bn_act_forward(*args)
         else:
             y, z, mean, invstd, mask = torch.ops.fastres.conv_bn_act(*args)
@@ -167,7 +161,7 @@ class _ConvBNAct(torch.autograd.Function):
         else:
             bargs = (grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation,
                      groups, ctx.training, ctx.relu, needs)
-            if _eager():
+            if eager():
                 backend.count(OP, "backward", ctx.backend)
                 grads = backend.module(ctx.backend).conv_bn_act_backward(
                     grad_y.contiguous(memory_format=memory_format_of(x)), *bargs[1:])
@@ -244,26 +238,6 @@ def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, ru
                          f"{torch.Size(shape)}")
 
 
-def _functorch_active() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def aten_reason(x: Tensor) -> Optional[str]:
-    """Why a call on a fused backend must run as aten ops instead (torch backend), or None:
-    tensors on the meta device (shape inference), torch.func transforms (vmap, grad, jvp: the fused
-    kernels have no batching or forward-mode rule), torch.export / ONNX export and torch.jit.trace
-    (a deployable graph of standard ops)."""
-    if x.device.type == "meta":
-        return "meta tensors"
-    if _functorch_active():
-        return "a torch.func transform is active"
-    if torch.compiler.is_exporting():
-        return "torch.export"
-    if torch.jit.is_tracing():
-        return "torch.jit.trace"
-    return None
-
-
 def explain(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             stride, padding, dilation, groups: int, training: bool) -> None:
     """Raise the error that says what was expected for a bad call (nothing when the call is good)."""
@@ -298,7 +272,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
         explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
                 dilation, groups, training)
     if backend.resolve_cached(OP, x.device) != "torch":   # a fused backend is asked for: choose once
-        name = backend.choose(OP, "forward", x.device, counted=_eager(),
+        name = backend.choose(OP, "forward", x.device, counted=eager(),
                               aten_reason=aten_reason(x), **_support_args(
                                   x, weight, residual, stride, padding, dilation, groups, training, relu))
         if name != "torch":
@@ -325,15 +299,10 @@ def _fused(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
            dilation, groups, training, momentum, eps, relu) -> Tensor:
     explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
             dilation, groups, training)
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-        residual = residual.to(dt) if residual is not None else None
+    x, weight, bias, residual = autocast_operands(x.device.type, (x, weight, bias, residual))
     if residual is not None and residual.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
-    if _eager() and not (torch.is_grad_enabled() and any(
+    if eager() and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual))):
         # nothing to differentiate: the backend's forward directly, no autograd node, no ReLU mask
         return backend.module(name).conv_bn_act_forward(

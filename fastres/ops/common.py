@@ -1,0 +1,47 @@
+"""What every fused op shares, whatever it fuses: when a fused backend may run its kernels directly,
+why a call must run as aten ops instead, and autocast of the data operands."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["eager", "aten_reason", "autocast_operands"]
+
+
+def eager() -> bool:
+    """True when a fused backend may run its kernels directly, skipping the custom op's dispatch: plain
+    eager execution. Under torch.compile / torch.export tracing, or with a TorchDispatchMode active
+    (FlopCounterMode, fake tensors, a profiler's mode), the custom op must be what is seen."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def aten_reason(x: Tensor) -> Optional[str]:
+    """Why a call on a fused backend must run as aten ops instead (torch backend), or None:
+    tensors on the meta device (shape inference), torch.func transforms (vmap, grad, jvp: the fused
+    kernels have no batching or forward-mode rule), torch.export / ONNX export and torch.jit.trace
+    (a deployable graph of standard ops)."""
+    if x.device.type == "meta":
+        return "meta tensors"
+    if _functorch_active() and not torch.compiler.is_compiling():   # (dynamo's own tracing is not one)
+        return "a torch.func transform is active"
+    if torch.compiler.is_exporting():
+        return "torch.export"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    return None
+
+
+def autocast_operands(device_type: str, operands: Sequence[Optional[Tensor]]):
+    """Under autocast, the data operands (input, conv weight and bias, residual) in the autocast dtype;
+    BatchNorm parameters and statistics are not passed here: they stay in their own dtype (fp32)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tuple(operands)
+    dt = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dt) for t in operands)
