@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from fastres.convert import timm as _timm
 from fastres.convert import torchvision as _tv
-from fastres.convert.chains import FusedSequential, chain_at, run_chains
+from fastres.convert.chains import FusedSequential, bn_chain_at, chain_at, run_chains
 from fastres.convert.report import ConversionReport, UnfuseReport, finish, join
 from fastres.convert.timm import convert_timm_module, timm_classes
 from fastres.convert.torchvision import pairs_of, resnet_module_reason, torchvision_classes
@@ -131,16 +131,23 @@ def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
             continue
         mods, keys = list(m._modules.values()), list(m._modules.keys())
         chains = 0
-        for i, child in enumerate(mods):
+        i = 0
+        while i < len(mods):   # the walk of run_chains
             n, why = chain_at(mods, i)
-            if isinstance(child, nn.Conv2d):
-                covered.add(id(child))
+            if isinstance(mods[i], nn.Conv2d):
+                covered.add(id(mods[i]))
+            if not n and bn_chain_at(mods, i):
+                n, why = 2, None
             if n:
                 chains += 1
                 parts = " -> ".join(f"{keys[j]} ({type(mods[j]).__name__})" for j in range(i, i + n))
-                report.fused.append((name, parts))
-            elif why is not None:
+                report.fused.append((name, parts + (" (bn_act)" if n == 2 and not isinstance(mods[i], nn.Conv2d)
+                                                    else "")))
+                i += n
+                continue
+            if why is not None:
                 report.left_alone.append((join(name, keys[i]), why))
+            i += 1
         if chains and type(m) is nn.Sequential:
             m.__class__ = FusedSequential
 

@@ -11,9 +11,9 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
-from fastres.nn import conv_bn_act_modules, is_frozen_bn, is_plain_relu, module_hooked, unfusable_reason
+from fastres.nn import bn_act_modules, conv_bn_act_modules, is_frozen_bn, is_plain_relu, module_hooked, unfusable_reason
 
-__all__ = ["pair_reason", "chain_at", "FusedSequential", "run_chains"]
+__all__ = ["pair_reason", "chain_at", "bn_chain_at", "FusedSequential", "run_chains"]
 
 
 def pair_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
@@ -42,8 +42,18 @@ def chain_at(mods: List[nn.Module], i: int) -> Tuple[int, Optional[str]]:
     return (3 if i + 2 < len(mods) and is_plain_relu(mods[i + 2]) else 2), None
 
 
+def bn_chain_at(mods: List[nn.Module], i: int) -> int:
+    """2 when mods[i], mods[i + 1] are a plain BatchNorm2d and a plain nn.ReLU that no conv chain took
+    (the pre-activation order BN -> ReLU -> conv): they run as the fused op bn_act; else 0."""
+    bn = mods[i]
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or module_hooked(bn) or i + 1 >= len(mods):
+        return 0
+    return 2 if is_plain_relu(mods[i + 1]) else 0
+
+
 class FusedSequential(nn.Sequential):
-    """nn.Sequential whose (Conv2d, BatchNorm2d[, ReLU]) runs of children run as one fused op.
+    """nn.Sequential whose (Conv2d, BatchNorm2d[, ReLU]) runs of children run as one fused op, and
+    whose (BatchNorm2d, ReLU) pairs that follow no such conv run as the fused op bn_act.
 
     The chains are found at call time from the current children, so the module stays an honest
     Sequential after children are replaced (SyncBatchNorm conversion) or appended."""
@@ -54,13 +64,17 @@ class FusedSequential(nn.Sequential):
 
 def run_chains(mods: List[nn.Module], x):
     """nn.Sequential's forward over `mods` (each output goes only to the next module), with every
-    (Conv2d, BatchNorm2d[, ReLU]) run that chain_at() accepts run as one fused op."""
+    (Conv2d, BatchNorm2d[, ReLU]) run that chain_at() accepts run as one fused op, and every
+    (BatchNorm2d, ReLU) pair bn_chain_at() accepts as bn_act."""
     i = 0
     while i < len(mods):
         n, _ = chain_at(mods, i)
         if n:
             x = conv_bn_act_modules(x, mods[i], mods[i + 1], relu=n == 3)
             i += n
+        elif bn_chain_at(mods, i):
+            x = bn_act_modules(x, mods[i], relu=True)
+            i += 2
         else:
             x = mods[i](x)
             i += 1

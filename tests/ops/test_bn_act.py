@@ -11,6 +11,7 @@ from numerics import assert_as_good
 
 import fastres
 from fastres import backend
+from fastres.convert.chains import FusedSequential
 from fastres.kernels import interpreter_active
 from fastres.nn import bn_act_modules, conv_bn_act_modules
 
@@ -103,3 +104,30 @@ def test_compile_fullgraph_matches_eager(name):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", NAMES)
+def test_pre_activation_sequential_fuses_bn_relu_as_bn_act(name, train):
+    torch.manual_seed(2)
+    plain = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6),
+                          nn.ReLU(), nn.Conv2d(6, 6, 1)).to(DEV)
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5)
+    exact = copy.deepcopy(plain).double()
+    model = fastres.convert(copy.deepcopy(plain))
+    assert type(model) is FusedSequential
+    assert [what for _, what in model.fastres_report.fused] == [
+        "0 (BatchNorm2d) -> 1 (ReLU) (bn_act)", "2 (Conv2d) -> 3 (BatchNorm2d) -> 4 (ReLU)"]
+    for m in (plain, exact, model):
+        m.train(train)
+    x = torch.randn(4, 4, 6, 6, device=DEV) * 1.5 + 0.2
+    backend.calls.clear()
+    with backend.use_backend(name):
+        got = model(x)
+    assert backend.calls[("bn_act", "forward", name)] == 1 and backend.calls[("conv_bn_act", "forward", name)] == 1
+    assert_as_good(got, plain(x), exact(x.double()), f"pre-activation Sequential on {name}")
+    for (n, a), b, c in zip(plain.named_buffers(), model.buffers(), exact.buffers()):
+        if "running" in n:
+            assert_as_good(b, a, c, n)
