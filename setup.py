@@ -136,7 +136,8 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastres", "fastres.ops", "fastres.models", "fastres.backends", "fastres.kernels"],
+    packages=["fastres", "fastres.ops", "fastres.models", "fastres.backends", "fastres.convert", "fastres.train",
+              "fastres.bench", "fastres.kernels"],
     package_dir={"fastres.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={

@@ -1,7 +1,7 @@
 """pytest-benchmark setup for `pytest benchmarks/ --benchmark-only`.
 
 The rows live in fastres (fastres/bench_cases.py, shared with `python -m fastres.bench`); the environment
-chooses the setup (fastres.bench_config.setup_from_env): FASTRES_BENCH_DEVICE, FASTRES_BENCH_QUICK=1 (also
+chooses the setup (fastres.bench.config.setup_from_env): FASTRES_BENCH_DEVICE, FASTRES_BENCH_QUICK=1 (also
 on when CI=true), FASTRES_BENCH_COMPILE=all|some|none, FASTRES_BENCH_PROVIDERS, FASTRES_BENCH_ONLY,
 FASTRES_BENCH_ROUNDS, FASTRES_BENCH_OP_SHAPES=1. Unlike tests/, nothing here turns on the Triton interpreter:
 its timings are meaningless, so on a CPU fastres runs its torch backend.
@@ -18,9 +18,9 @@ git commit, CPU capability, date), the provider, the rates (GB/s, TFLOP/s, image
 import pytest
 import torch
 
-from fastres import bench_timing
-from fastres.bench_config import setup_from_env
-from fastres.environment import environment
+from fastres.bench import timing as bench_timing
+from fastres.bench.config import setup_from_env
+from fastres.bench.environment import environment
 
 SETUP = setup_from_env()
 
@@ -31,7 +31,7 @@ def pytest_configure(config):
 
     timer = getattr(config.option, "benchmark_timer", None)
     if timer is not None and "perf_counter" in str(timer):
-        config.option.benchmark_timer = parse_timer("fastres.bench_timing.sync_timer")
+        config.option.benchmark_timer = parse_timer("fastres.bench.timing.sync_timer")
 
 
 def pytest_collection_modifyitems(config, items):

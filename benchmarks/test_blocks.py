@@ -2,8 +2,8 @@
 plain PyTorch with the same weights (and both under torch.compile for a representative block)."""
 import pytest
 
-from fastres.bench_cases import cases
-from fastres.bench_config import setup_from_env
+from fastres.bench.cases import cases
+from fastres.bench.config import setup_from_env
 
 CASES = [pytest.param(c, id=c.id) for c in cases(setup_from_env(), "blocks")]
 

@@ -4,8 +4,8 @@ channels_last; on a GPU: ResNet-50 and ResNet-18 at 224 px. Each row: fastres vs
 weights), and both under torch.compile; images/s, ratio and peak memory."""
 import pytest
 
-from fastres.bench_cases import cases
-from fastres.bench_config import setup_from_env
+from fastres.bench.cases import cases
+from fastres.bench.config import setup_from_env
 
 CASES = [pytest.param(c, id=c.id) for c in cases(setup_from_env(), "models")]
 

@@ -4,8 +4,8 @@ FASTRES_BENCH_OP_SHAPES=1) every distinct ResNet-50 conv shape: conv + BN (+ add
 forward + backward, inference with BN folded, and BN + add + ReLU alone (memory-bound: GB/s)."""
 import pytest
 
-from fastres.bench_cases import cases
-from fastres.bench_config import setup_from_env
+from fastres.bench.cases import cases
+from fastres.bench.config import setup_from_env
 
 CASES = [pytest.param(c, id=c.id) for c in cases(setup_from_env(), "ops")]
 

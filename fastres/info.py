@@ -10,7 +10,7 @@ import torch
 
 import fastres
 from fastres import backend
-from fastres.environment import environment
+from fastres.bench.environment import environment
 
 # What each backend's kernels cover; the rest of a call's cases run on torch (logged and counted).
 COVERAGE = {

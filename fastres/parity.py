@@ -48,7 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.environment import environment, summary_line
+from fastres.bench.environment import environment, summary_line
+from fastres.models.registry import get_model, list_models, model_info
 
 Tensor = torch.Tensor
 
@@ -58,11 +59,10 @@ LOSS_FLOOR_ULPS = 8.0
 TENSOR_FLOOR_ULPS = 4.0
 SATURATED = 0.1  # relative reference error above which a check no longer detects small bugs
 
-CIFAR_ARCHS = {"resnet8": (8, "A"), "resnet20": (20, "A"), "resnet32": (32, "A"), "resnet44": (44, "A"),
-               "resnet56": (56, "A"), "resnet110": (110, "A"), "resnet1202": (1202, "A"), "plain20": (20, None),
-               "plain32": (32, None), "plain44": (44, None), "plain56": (56, None), "plain110": (110, None)}
-IMAGENET_ARCHS = {"resnet18": "FusedResNet18", "resnet34": "FusedResNet34", "resnet50": "FusedResNet50",
-                  "resnet101": "FusedResNet101", "resnet152": "FusedResNet152"}
+# From the model registry: every CIFAR net (its reference twin is CifarReference below) and every
+# ImageNet net that torchvision builds too (the twin).
+CIFAR_ARCHS = {n: (model_info(n).depth, model_info(n).shortcut) for n in list_models("cifar")}
+IMAGENET_ARCHS = {n: model_info(n).torchvision for n in list_models("imagenet") if model_info(n).torchvision}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -130,19 +130,15 @@ def build_pair(arch: str, num_classes: int = 10, seed: int = 0) -> Tuple[nn.Modu
     """(fused model, reference twin) with identical weights and buffers, both in fp32 on the CPU."""
     torch.manual_seed(seed)
     if arch in CIFAR_ARCHS:
-        from fastres.models import cifar
-
         depth, shortcut = CIFAR_ARCHS[arch]
-        fused = cifar.CifarResNet(depth, num_classes=num_classes, shortcut=shortcut)
+        fused = get_model(arch, num_classes=num_classes)
         ref = CifarReference(depth, num_classes, shortcut)
         ref.load_state_dict(fused.state_dict(), strict=True)
     elif arch in IMAGENET_ARCHS:
         import torchvision
 
-        from fastres.models import resnet
-
-        ref = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-        fused = getattr(resnet, IMAGENET_ARCHS[arch])(num_classes=num_classes)
+        ref = getattr(torchvision.models, IMAGENET_ARCHS[arch])(weights=None, num_classes=num_classes)
+        fused = get_model(arch, num_classes=num_classes)
         fused.load_state_dict(ref.state_dict(), strict=True)
     else:
         raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join([*CIFAR_ARCHS, *IMAGENET_ARCHS])}")

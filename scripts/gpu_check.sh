@@ -61,7 +61,7 @@ env_info() {
         $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
         $PY -c "import triton; print('triton', triton.__version__)" 2>&1
         $PY -c "import fastres.backend as b; [print(n, b.available(n)) for n in ('triton', 'cuda')]" 2>&1
-        $PY -m fastres.environment 2>&1  # the description every benchmark / parity JSON carries
+        $PY -m fastres.bench.environment 2>&1  # the description every benchmark / parity JSON carries
         git rev-parse HEAD 2>/dev/null
     } > "$RESULTS/environment.txt"
 }

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres import probes
-from fastres import train as ftrain
 from fastres.models.cifar import CifarResNet
 from fastres.models.resnet import ZeroPadShortcut
+from fastres.train import cli as ftrain
+from fastres.train import probes
+from fastres.train import trainer as ftrainer
 
 THREADS = ["--threads", "1", "--no-progress"]
 TINY = ["--limit-train", "32", "--image-size", "8", "--batch-size", "16", "--epochs", "1", *THREADS]
@@ -142,7 +143,7 @@ def test_responses_experiment_tiny_and_resumed(tmp_path):
 
     # Without --resume the trained nets are not replaced; with it they are reused as they are (no
     # training), and the measurement repeats exactly. A degradation run's folders are the same.
-    with pytest.raises(ftrain.UserError, match="already exists"):
+    with pytest.raises(ftrainer.UserError, match="already exists"):
         ftrain.main(["--experiment", "responses", "--out", out, *TINY])
     stamps = {a: os.stat(os.path.join(out, a, "checkpoint.pt")).st_mtime_ns for a in layers}
     again = ftrain.main(["--experiment", "responses", "--out", out, "--resume", *TINY])
@@ -160,33 +161,33 @@ def test_shortcuts_experiment_tiny(tmp_path):
     assert [row["option"] for row in rows] == ["A", "B", "C"]
     params = [int(row["parameters"]) for row in rows]
     assert params[0] < params[1] < params[2]
-    assert params[0] == sum(p.numel() for p in ftrain.build_model("resnet20", 10).parameters())
+    assert params[0] == sum(p.numel() for p in ftrainer.build_model("resnet20", 10).parameters())
     for row in rows:
         assert 0 <= float(row["train_error"]) <= 1 and 0 <= float(row["test_error"]) <= 1
         ckpt = torch.load(os.path.join(out, row["option"], "checkpoint.pt"), weights_only=True)
         assert ckpt["args"]["shortcut"] == row["option"]
     assert r["params"] == dict(zip("ABC", params))
     assert is_png(os.path.join(out, "shortcuts.png"))
-    with pytest.raises(ftrain.UserError, match="has none"):
+    with pytest.raises(ftrainer.UserError, match="has none"):
         ftrain.main(["--experiment", "shortcuts", "--arch", "plain20", "--out", str(tmp_path / "p"), *TINY])
 
 
 def test_initial_weights_are_the_trainers(tmp_path):
     """responses measures 'init' gradients on build_model under the run's seed: the very weights the
     Trainer starts from."""
-    from fastres import trainer
+    from fastres.train import trainer
 
     a = ftrain.finish_args(ftrain.parser().parse_args(["--arch", "plain20", "--seed", "3", "--out",
                                                        str(tmp_path / "run"), *TINY]))
     start = trainer.Trainer(a, trainer.Dist("cpu")).model.state_dict()
     torch.manual_seed(3)
-    rebuilt = ftrain.build_model("plain20", 10).state_dict()
+    rebuilt = ftrainer.build_model("plain20", 10).state_dict()
     for k, v in start.items():
         assert torch.equal(v, rebuilt[k]), k
     torch.manual_seed(4)
-    assert not torch.equal(ftrain.build_model("plain20", 10).conv1.weight, start["conv1.weight"])
+    assert not torch.equal(ftrainer.build_model("plain20", 10).conv1.weight, start["conv1.weight"])
 
 
 def test_shortcut_flag_needs_a_resnet(tmp_path):
-    with pytest.raises(ftrain.UserError, match="plain net, it has no shortcuts"):
+    with pytest.raises(ftrainer.UserError, match="plain net, it has no shortcuts"):
         ftrain.main(["--arch", "plain20", "--shortcut", "B", "--out", str(tmp_path / "p"), *TINY])

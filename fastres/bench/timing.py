@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fastres.bench_config import Setup
+from fastres.bench.config import Setup
 
 Fn = Callable[[], object]
 

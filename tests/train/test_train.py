@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastres import data as fdata
-from fastres import train as ftrain
-from fastres import trainer as ftrainer
+from fastres.train import cli as ftrain
+from fastres.train import data as fdata
+from fastres.train import trainer as ftrainer
 
 # One thread per process: on a busy shared CPU, OpenMP threads competing for cores cost several-fold.
 THREADS = ["--threads", "1", "--no-progress"]
@@ -38,7 +38,7 @@ def test_default_run_shortened(tmp_path):
     # The checkpoint holds the trained weights: evaluating them reproduces the logged test error.
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["args"]["arch"] == "resnet20"
-    model = ftrain.build_model("resnet20", 10)
+    model = ftrainer.build_model("resnet20", 10)
     model.load_state_dict(ckpt["model"])
     model.eval()
     test = fdata.digits(16).test
@@ -50,10 +50,10 @@ def test_default_run_shortened(tmp_path):
 
 
 def test_paper_schedule():
-    lrs = [ftrain.lr_at(step, 100, 0.1) for step in range(100)]
+    lrs = [ftrainer.lr_at(step, 100, 0.1) for step in range(100)]
     assert lrs[:50] == [0.1] * 50
     assert lrs[50:75] == pytest.approx([0.01] * 25) and lrs[75:] == pytest.approx([0.001] * 25)
-    warm = [ftrain.lr_at(step, 100, 0.1, warmup=10) for step in (0, 9, 10)]
+    warm = [ftrainer.lr_at(step, 100, 0.1, warmup=10) for step in (0, 9, 10)]
     assert warm == pytest.approx([0.01, 0.01, 0.1])
     a = ftrain.finish_args(ftrain.parser().parse_args([]))
     assert (a.arch, a.data, a.lr, a.momentum, a.weight_decay, a.warmup_epochs) == (
@@ -227,7 +227,7 @@ def test_two_gloo_processes_keep_identical_parameters(tmp_path):
     r0 = torch.load(os.path.join(res, "rank0.pt"), weights_only=False)
     r1 = torch.load(os.path.join(res, "rank1.pt"), weights_only=False)
     torch.manual_seed(0)
-    init = dict(ftrain.build_model("resnet20", 10).named_parameters())
+    init = dict(ftrainer.build_model("resnet20", 10).named_parameters())
     moved = 0
     for k, p in r0["params"].items():
         torch.testing.assert_close(p, r1["params"][k], rtol=0, atol=0, msg=k)
@@ -286,7 +286,7 @@ def test_unwritable_out_and_existing_checkpoint(tmp_path):
 
 
 def test_default_out_never_reuses_an_earlier_run(tmp_path, monkeypatch):
-    from fastres.train import default_out
+    from fastres.train.cli import default_out
 
     monkeypatch.chdir(tmp_path)
     assert default_out("resnet20-digits", fresh=True) == os.path.join("runs", "resnet20-digits")

@@ -3,7 +3,7 @@
 * ``degradation`` (Fig. 6): plain20, plain56, resnet20, resnet56 trained alike; their error curves.
 * ``responses`` (Fig. 7): the same four nets (an earlier degradation run in the same --out is reused
   with --resume), then the std of every 3x3 layer's response on the test set (after BN, before the
-  addition and the ReLU: :mod:`fastres.probes`), and each 3x3 layer's weight-gradient norm at
+  addition and the ReLU: :mod:`fastres.train.probes`), and each 3x3 layer's weight-gradient norm at
   initialisation and after training.
 * ``shortcuts`` (Table 3): one --arch with shortcut options A (zero-padding), B (projections where the
   shape changes) and C (all projections), same seed and schedule; parameters and final errors.
@@ -21,9 +21,9 @@ from typing import Dict, List
 import torch
 from torch.utils.data import DataLoader
 
-from fastres import data as fdata
-from fastres import plots, probes
-from fastres.trainer import Dist, UserError, build_model, check_out_dir, train, write_rows
+from fastres.train import data as fdata
+from fastres.train import plots, probes
+from fastres.train.trainer import Dist, UserError, build_model, check_out_dir, train, write_rows
 
 log = logging.getLogger("fastres.train")
 

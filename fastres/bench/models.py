@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.bench_config import Setup, compiled, copy_weights, is_compiled, is_fastres, memory_format, provider_context
+from fastres.bench.config import Setup, compiled, copy_weights, is_compiled, is_fastres, memory_format, provider_context
+from fastres.models.registry import get_model, model_info
 
 Tensor = torch.Tensor
 
@@ -25,36 +26,27 @@ BLOCKS = {  # name -> (arch, layer path, input channels, input size divisor of t
     "basic-layer1.0": ("resnet18", "layer1.0", 64, 4),
     "basic-layer2.0": ("resnet18", "layer2.0", 64, 4),
 }
-FUSED_NAMES = {"resnet18": "FusedResNet18", "resnet34": "FusedResNet34", "resnet50": "FusedResNet50",
-               "resnet101": "FusedResNet101", "resnet152": "FusedResNet152"}
-CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
-
-
 def num_classes(arch: str) -> int:
-    return 10 if arch in CIFAR_DEPTHS else 1000
+    return 10 if model_info(arch).family == "cifar" else 1000
 
 
 def build_model(arch: str, provider: str, seed: int = 0) -> nn.Module:
     """The plain-PyTorch model (eager, compile providers) or fastres' (fastres-*), with the same weights."""
+    info = model_info(arch)   # ValueError naming the registered nets for an unknown arch
     torch.manual_seed(seed)
-    if arch in CIFAR_DEPTHS:
-        from fastres.models import cifar
+    if info.family == "cifar":
         from fastres.parity import CifarReference
 
-        ref: nn.Module = CifarReference(CIFAR_DEPTHS[arch], num_classes(arch), "A")
-        make_fused = getattr(cifar, arch)
-    elif arch in FUSED_NAMES:
+        ref: nn.Module = CifarReference(info.depth, num_classes(arch), info.shortcut)
+    elif info.torchvision is not None:
         import torchvision
 
-        from fastres.models import resnet
-
-        ref = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes(arch))
-        make_fused = getattr(resnet, FUSED_NAMES[arch])
+        ref = getattr(torchvision.models, info.torchvision)(weights=None, num_classes=num_classes(arch))
     else:
-        raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join([*FUSED_NAMES, *CIFAR_DEPTHS])}")
+        raise ValueError(f"{arch!r} has no plain-PyTorch twin to benchmark against")
     if not is_fastres(provider):
         return ref
-    return copy_weights(make_fused(num_classes=num_classes(arch)), ref)
+    return copy_weights(get_model(arch, num_classes=num_classes(arch)), ref)
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module:

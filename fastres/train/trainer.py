@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import logging
 import math
 import os
@@ -24,17 +23,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import fastres
-from fastres import data as fdata
-from fastres.plots import plot
+from fastres.models.registry import get_model, list_models
+from fastres.train import data as fdata
+from fastres.train.plots import plot
 
 log = logging.getLogger("fastres.train")
 
-CIFAR_ARCHS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
-               "plain20", "plain32", "plain44", "plain56", "plain110"]
-IMAGENET_ARCHS = {"resnet18": "FusedResNet18", "resnet34": "FusedResNet34", "resnet50": "FusedResNet50",
-                  "resnet101": "FusedResNet101", "resnet152": "FusedResNet152",
-                  "plain18": "plain18", "plain34": "plain34"}
-ARCHS = CIFAR_ARCHS + list(IMAGENET_ARCHS)
+# The nets of the model registry (fastres.models.list_models), in its order: the CIFAR ones first.
+CIFAR_ARCHS = list_models("cifar", ordered=False)
+IMAGENET_ARCHS = list_models("imagenet", ordered=False)
+ARCHS = CIFAR_ARCHS + IMAGENET_ARCHS
 # Per data set: epochs, batch size (per process).
 DEFAULTS = {"digits": (10, 64), "cifar10": (164, 128), "imagefolder": (90, 64), "synthetic": (1, 64)}
 CSV_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "seconds", "images_per_s"]
@@ -87,9 +85,7 @@ def build_model(arch: str, num_classes: int, shortcut: Optional[str] = None) -> 
     """The net `arch` with `num_classes` outputs; `shortcut` ("A", "B", "C") overrides the arch's own
     shortcut option (None keeps it: A for the CIFAR ResNets, B for the ImageNet ones)."""
     kw = {"num_classes": num_classes} if shortcut is None else {"num_classes": num_classes, "shortcut": shortcut}
-    if arch in IMAGENET_ARCHS:
-        return getattr(importlib.import_module("fastres.models.resnet"), IMAGENET_ARCHS[arch])(**kw)
-    return getattr(importlib.import_module("fastres.models.cifar"), arch)(**kw)
+    return get_model(arch, **kw)
 
 
 def check_out_dir(out: str, resume: Optional[str], overwrite: bool) -> str:

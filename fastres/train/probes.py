@@ -7,7 +7,7 @@ responses are computed explicitly: a forward pre-hook on the model catches the s
 each residual block catches the block's input; from it the hook evaluates the block's 3x3 layers with
 the block's own nn.Conv2d and nn.BatchNorm2d modules, unfused: ``bn1(conv1(x))``, then
 ``bn2(conv2(relu(bn1(conv1(x)))))`` for a BasicBlock. That needs eval mode (BN with its running
-statistics, nothing updated). tests/test_experiments.py checks it against a manual forward.
+statistics, nothing updated). tests/train/test_experiments.py checks it against a manual forward.
 
 3x3 layers, counted from the input (layer 1 is the stem's conv when it is 3x3, as in the CIFAR nets):
 the stem, then in each BasicBlock conv1 and conv2, in each Bottleneck its 3x3 conv2.

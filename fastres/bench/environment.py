@@ -1,8 +1,8 @@
 """Where a result was measured: one description of the machine and the software, shared by
 ``python -m fastres.bench``, the benchmarks/ suite, ``python -m fastres.parity`` and ``python -m fastres.info``.
 
-    python -m fastres.environment                    # the description, as JSON
-    python -m fastres.environment --results-dir      # benchmarks/results/<date>-<device> for this machine
+    python -m fastres.bench.environment                    # the description, as JSON
+    python -m fastres.bench.environment --results-dir      # benchmarks/results/<date>-<device> for this machine
 
 :func:`environment` returns the device (the GPU's name, or the CPU model from /proc/cpuinfo or lscpu), the
 core count, the versions of Python, torch, triton, torchvision and fastres, fastres' git commit when it
@@ -53,7 +53,7 @@ def _version(module: str) -> Optional[str]:
 def git_commit() -> Optional[str]:
     """fastres' commit when it is imported from a git checkout (an editable install), "+dirty" when tracked
     files differ from it; None for an installed wheel or without git."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
     if not os.path.exists(os.path.join(here, ".git")):
         return None
     try:
@@ -120,7 +120,7 @@ def summary_line(env: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastres.environment", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastres.bench.environment", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--results-dir", action="store_true", help="print only benchmarks/results/<date>-<device>")
     a = p.parse_args(argv)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.bench_config import (
+from fastres.bench.config import (
     Setup,
     backend_of,
     compiled,

@@ -20,29 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import List, Optional
 
-from fastres.bench_cases import LEVELS, Case, cases
-from fastres.bench_config import (
-    ModelSpec,
-    Setup,
-    compile_wanted,
-    fastres_backends,
-    make_setup,
-    quick_requested,
-    setup_from_env,
-)
-from fastres.bench_models import BLOCKS, Step, build_model, make_block, make_model
-from fastres.bench_ops import OP_KINDS, ConvShape, eager_op, make_host, make_op, op_cost, resnet50_conv_shapes
-from fastres.bench_timing import alternate, peak_memory, run_rows, sync_timer, table, warm_up
-from fastres.environment import environment, summary_line
+from fastres.bench.cases import LEVELS, cases
+from fastres.bench.config import Setup, make_setup, quick_requested
+from fastres.bench.environment import environment, summary_line
+from fastres.bench.timing import run_rows, table
 
-# The names benchmarks/, tests and users reach through fastres.bench.
-__all__ = ["LEVELS", "Case", "cases", "ModelSpec", "Setup", "compile_wanted", "fastres_backends", "make_setup",
-           "quick_requested", "setup_from_env", "BLOCKS", "Step", "build_model", "make_block", "make_model", "OP_KINDS",
-           "ConvShape", "eager_op", "make_host", "make_op", "op_cost", "resnet50_conv_shapes", "alternate",
-           "peak_memory", "run_rows", "sync_timer", "table", "warm_up", "environment", "run_cli", "main"]
+__all__ = ["run_cli", "main"]
 
 
 def run_cli(setup: Setup, levels: List[str], archs: Optional[List[str]] = None, progress: bool = True) -> List[dict]:
@@ -99,7 +84,3 @@ def main(argv: Optional[List[str]] = None) -> int:
                       indent=1)
         print(f"wrote {a.json}")
     return 1 if any("error" in r for r in rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

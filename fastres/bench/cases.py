@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from fastres.bench_config import Setup, compile_wanted, elt_size, is_compiled, is_fastres
-from fastres.bench_models import BLOCKS, make_block, make_model
-from fastres.bench_ops import HOST_KINDS, OP_KINDS, make_host, make_op, op_cost, resnet50_conv_shapes
+from fastres.bench.config import Setup, compile_wanted, elt_size, is_compiled, is_fastres
+from fastres.bench.models import BLOCKS, make_block, make_model
+from fastres.bench.ops import HOST_KINDS, OP_KINDS, make_host, make_op, op_cost, resnet50_conv_shapes
 
 LEVELS = ("models", "blocks", "ops")
 CPU_BLOCKS_QUICK = ("bottleneck-layer1.0", "basic-layer1.0")

@@ -3,11 +3,11 @@
 With no arguments it trains the paper's ResNet-20 on scikit-learn's bundled handwritten digits (no
 download) in a few minutes on a CPU. Under ``torchrun`` it trains with DistributedDataParallel
 (nccl on GPUs, gloo on CPUs). ``--experiment`` runs one of the paper's experiments
-(:mod:`fastres.experiments`): ``degradation`` (Fig. 6: plain nets get worse with depth, ResNets do
+(:mod:`fastres.train.experiments`): ``degradation`` (Fig. 6: plain nets get worse with depth, ResNets do
 not), ``responses`` (Fig. 7: the std of the layer responses, and per-layer gradient norms) and
 ``shortcuts`` (Table 3: shortcut options A, B, C).
 
-One run's loop and checkpoints live in :mod:`fastres.trainer`, the figures in :mod:`fastres.plots`.
+One run's loop and checkpoints live in :mod:`fastres.train.trainer`, the figures in :mod:`fastres.train.plots`.
 A user error (unknown arch, missing data, batch size 1, an --out that cannot be written, an --out that
 already holds a checkpoint) stops with a one-line message and exit status 2 before anything is written.
 """
@@ -23,27 +23,9 @@ from typing import List, Optional
 import torch
 
 import fastres
-from fastres import data as fdata
-from fastres.experiments import DEGRADATION_ARCHS, EXPERIMENTS, degradation  # noqa: F401  (old names)
-from fastres.plots import plot, plot_degradation  # noqa: F401  (old names)
-from fastres.trainer import (  # noqa: F401  (fastres.train's names from before the split)
-    ARCHS,
-    CIFAR_ARCHS,
-    CSV_FIELDS,
-    DEFAULTS,
-    IMAGENET_ARCHS,
-    Dist,
-    Trainer,
-    UserError,
-    atomic_save,
-    build_model,
-    check_out_dir,
-    evaluate,
-    load_checkpoint,
-    lr_at,
-    train,
-    write_csv,
-)
+from fastres.train import data as fdata
+from fastres.train.experiments import EXPERIMENTS
+from fastres.train.trainer import ARCHS, DEFAULTS, Dist, UserError, train
 
 log = logging.getLogger("fastres.train")
 
@@ -211,7 +193,3 @@ def cli(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
