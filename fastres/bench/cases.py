@@ -43,6 +43,8 @@ class Case:
         return f"{self.name}-{self.provider}-vs-{self.baseline}".replace(" ", "-")
 
     def skip_reason(self, setup: Setup) -> Optional[str]:
+        if self.provider.endswith("+frozen") and (self.level != "models" or " infer " not in f" {self.name} "):
+            return "fastres.frozen is an inference mode: model-level eval rows only"
         if is_compiled(self.provider) or is_compiled(self.baseline):
             why = compile_wanted(setup, self.representative)
             if why is not None:

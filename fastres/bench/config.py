@@ -112,7 +112,8 @@ def make_setup(device: Optional[str] = None, quick: bool = False, compile: Optio
     models = [ModelSpec("resnet18", 64, 16, (16,), both, both),
               ModelSpec("resnet50", 64, 8, (8,), both),
               ModelSpec("resnet20", 32, 32, (32,), both, ("nchw",))]
-    pairs = [("fastres-torch", "eager"), ("fastres-torch+compile", "compile")]
+    # fastres-torch+frozen: eval inside fastres.frozen (BatchNorm folded once, oneDNN prepacking), model rows
+    pairs = [("fastres-torch", "eager"), ("fastres-torch+frozen", "eager"), ("fastres-torch+compile", "compile")]
     s = Setup(dev, None, models, pairs, quick, warmup=2, rounds=10, compile=compile or "some", op_image=64,
               op_batch=8, block_image=64, block_batch=16, block_formats=both)
     if quick:
@@ -160,7 +161,7 @@ def is_compiled(provider: str) -> bool:
 
 
 def backend_of(provider: str) -> str:
-    """"fastres-triton+compile" -> "triton"."""
+    """"fastres-triton+compile" -> "triton" (and "fastres-torch+frozen" -> "torch")."""
     return provider.split("-", 1)[1].split("+", 1)[0]
 
 

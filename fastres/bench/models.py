@@ -70,6 +70,11 @@ class Step:
         self.target = None if target is None else target.to(setup.device)
         self.opt = (torch.optim.SGD(self.module.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
                     if mode == "train" else None)
+        self.frozen = None
+        if provider.endswith("+frozen") and mode == "infer":   # fastres.frozen for the Step's life
+            import fastres
+
+            self.frozen = fastres.frozen(self.module).__enter__()
 
     def __call__(self):
         if self.mode != "train":

@@ -108,12 +108,17 @@ def test_cpu_setup_times_real_cpu_sizes():
         assert name in names
     assert {c.name for c in bcases.cases(full, "ops")} == {f"host conv3x3-bn-relu 2x8x4x4 {k}"
                                                           for k in ("fwd", "infer", "fwdbwd")}
-    assert full.pairs == [("fastres-torch", "eager"), ("fastres-torch+compile", "compile")]
+    assert full.pairs == [("fastres-torch", "eager"), ("fastres-torch+frozen", "eager"),
+                          ("fastres-torch+compile", "compile")]
     compiled = [c for c in bcases.cases(full, "models") if c.baseline == "compile" and c.skip_reason(full) is None]
     assert {c.name for c in compiled} >= {"resnet18 train b16 64px nchw", "resnet18 infer b16 64px channels_last"}
     assert quick.rounds < full.rounds and quick.compile == "none"
     assert all(c.skip_reason(quick) for c in bcases.cases(quick, "models") if c.baseline == "compile")
-    assert all(c.skip_reason(quick) is None for c in bcases.cases(quick, "models") if c.baseline == "eager")
+    rows = bcases.cases(quick, "models")
+    assert all(c.skip_reason(quick) is None for c in rows
+               if c.baseline == "eager" and (c.provider == "fastres-torch" or " infer " in f" {c.name} "))
+    frozen_train = [c for c in rows if c.provider.endswith("+frozen") and " train " in f" {c.name} "]
+    assert frozen_train and all("inference mode" in c.skip_reason(quick) for c in frozen_train)
 
 
 def test_quick_mode_follows_ci(monkeypatch):
