@@ -10,6 +10,8 @@ from typing import List, Sequence
 
 import torch
 
+from fastres.kernels.shapes import conv_out_hw
+
 Tensor = torch.Tensor
 
 __all__ = ["memory_format_of", "conv_out_shape", "pack_relu_mask", "unpack_relu_mask", "stats_dtype"]
@@ -24,12 +26,10 @@ def memory_format_of(t: Tensor) -> torch.memory_format:
 
 def conv_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int], dilation: Sequence[int]) -> List[int]:
-    """(N, Cout, Ho, Wo) of conv2d."""
+    """(N, Cout, Ho, Wo) of conv2d (the formula: fastres.kernels.shapes)."""
     n, _, h, w = x_shape
     cout, _, kh, kw = w_shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return [n, cout, ho, wo]
+    return [n, cout, *conv_out_hw(h, w, kh, kw, stride, padding, dilation)]
 
 
 def _storage_order(t: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ implementation rounds differently but not worse, so we require, for each compare
 
     error(fused vs oracle) <= FACTOR * error(reference vs oracle) + floor
 
-with FACTOR = 2 (DESIGN.md, "Numerics": a fused result may be at most about twice PyTorch's own
+with FACTOR = 2 (the house rule of tests/numerics.py: a fused result may be at most about twice PyTorch's own
 same-dtype error) and a floor of a few fp32 units in the last place (the loss, the parameters and
 the running statistics are fp32 in every run, bf16 autocast included), for quantities whose reference
 error happens to be near zero. Compared: the loss at every step (the worst step),

@@ -12,6 +12,7 @@ its modules do.
 * warmup.py             - tune every autotune key before CUDA-graph capture
 * report.py             - compiled-kernel report (python -m fastres.kernels.report): PTX, registers, spills
 * alloc.py              - output allocation with the poison switch tests use
+* shapes.py             - the convolution's output size (triton-free; also fastres.layout's)
 """
 import os
 

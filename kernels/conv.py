@@ -42,6 +42,7 @@ from fastres.kernels.conv_kernel import (
     prune_configs,
 )
 from fastres.kernels.conv_s2d import S2D_CIN_P, s2d_applies, s2d_input, s2d_shape, s2d_weight
+from fastres.kernels.shapes import conv_out_hw
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
@@ -75,9 +76,7 @@ def _pair(v: IntPair, name: str) -> Tuple[int, int]:
 
 
 def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
-    kh, kw = weight.shape[2], weight.shape[3]
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
     return ho, wo
 
 
@@ -173,8 +172,7 @@ def _geometry(n, cin, h, w, cout, kh, kw, stride, padding, dilation, res_strides
     (whether the host rewrites it by space-to-depth, kernels/conv_s2d.py: then the kernel sees the
     rewritten stride-1 conv, with the real output size). The input is channels_last contiguous with
     CIN_P channels; res_strides (n, c, h, w) default to a channels_last residual."""
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = conv_out_hw(h, w, kh, kw, stride, padding, dilation)
     s2d = s2d_applies(cin, stride, dilation)
     if s2d:
         h, w, kh, kw = s2d_shape(h, w, kh, kw, padding)

@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from fastres.kernels import shapes as _shapes
+
 PEAK_FLOPS = 989e12   # H100 SXM dense bf16 tensor-core FLOP/s
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3 bytes/s
 
@@ -79,8 +81,8 @@ ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 def conv_out_hw(case):
     """(Ho, Wo) of a case (dilation 1)."""
-    return ((case["h"] + 2 * case["pad"] - case["kh"]) // case["stride"] + 1,
-            (case["w"] + 2 * case["pad"] - case["kw"]) // case["stride"] + 1)
+    s, p = (case["stride"],) * 2, (case["pad"],) * 2
+    return _shapes.conv_out_hw(case["h"], case["w"], case["kh"], case["kw"], s, p)
 
 
 def predicted_us(flops, nbytes):

@@ -20,13 +20,13 @@ stable (a max over many elements), and for a single scalar the ulps term must ca
     torch.testing.assert_close(x, y, rtol=tol(x.dtype), atol=tol(x.dtype) * y.abs().max())
 
 Without a same-dtype PyTorch result (a kernel with no PyTorch twin), use assert_near(got, oracle),
-whose bound is tol(dtype) of the oracle's magnitude, DESIGN.md's typical bounds.
+whose bound is tol(dtype) of the oracle's magnitude (the typical bounds below).
 """
 from typing import Optional
 
 import torch
 
-# Typical bounds relative to the magnitude (DESIGN.md, "Numerics"): what a correct fp32 / fp16 / bf16
+# Typical bounds relative to the magnitude: what a correct fp32 / fp16 / bf16
 # result of one fused op keeps from float64. float64 results are compared to a float64 oracle only
 # where the order of summation differs: 1e-12 leaves room for reductions of ~1e6 terms.
 TOL = {

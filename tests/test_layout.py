@@ -1,4 +1,4 @@
-"""The house's layout (DESIGN.md, "Layout"): imports run only downward, no import circle (not even
+"""The house's layout (README.md, "Layout"): imports run only downward, no import circle (not even
 through a function-level import), kernels/ stands alone, and no file is over 400 lines. Read from the
 sources with ast, nothing imported."""
 import ast

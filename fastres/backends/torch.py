@@ -167,8 +167,9 @@ def conv_bn_act_onednn(x: Tensor, packed: Tensor, bias: Tensor, residual: Option
 # Frozen inference (fastres.frozen): BatchNorm folded into the conv once, the folded weight prepacked.
 #
 # Nothing here is used outside an active fastres.frozen() context: a fold cached across calls cannot
-# see every change to the tensors it was made from (DESIGN.md, "What a cache may trust"), so the
-# default eval path reads the live tensors on every call. Inside the context (contract: fastres/frozen.py)
+# see every change to the tensors it was made from (fused optimizers and .data edits leave version
+# counters alone, inference tensors have none), so the default eval path reads the live tensors on
+# every call. Inside the context (contract: fastres/frozen.py)
 # a fold is remade when
 # - the values of any of its small tensors (conv bias, BatchNorm weight, bias, running statistics: C
 #   numbers each) differ from the ones it was made from: compared on every call (a few microseconds),

@@ -33,6 +33,6 @@ MODULES = [pytest.param("triton"), pytest.param("cuda", marks=_EXT_SKIP)]
 
 
 def skip_unless_dtype_runs(dtype: torch.dtype) -> None:
-    """bf16 does not run under Triton's interpreter (DESIGN.md): a real skip there."""
+    """bf16 does not run under Triton's interpreter: a real skip there."""
     if dtype == torch.bfloat16 and not HAS_CUDA:
         pytest.skip("bfloat16 needs a GPU (Triton's interpreter has no bf16)")

@@ -19,7 +19,7 @@ import fastres
 
 # A BasicBlock net (ResNet-18) and a reduced Bottleneck net (one block per stage: every block kind,
 # a projection shortcut per stage) at 64 px: layer4's BatchNorm sees 2x2 per image, 32 values per
-# channel at batch 8 (DESIGN.md, "Numerics": enough for train-mode comparisons to be conditioned).
+# channel at batch 8 (enough for train-mode comparisons to be well conditioned: tests/numerics.py).
 ARCHS = {
     "basic": (torchvision.models.resnet.BasicBlock, fastres.BasicBlock, [2, 2, 2, 2]),
     "bottleneck": (torchvision.models.resnet.Bottleneck, fastres.Bottleneck, [1, 1, 1, 1]),

@@ -194,7 +194,7 @@ def test_channels_last_weight_is_used_in_place():
 @pytest.mark.parametrize("edit", ["in_place", "data", "fused_adam"])
 def test_weight_relayout_sees_every_change(poison, edit):
     """The re-laid weight is never reused across calls: an edit the version counter misses (through
-    `.data`, or as a fused optimizer writes) reaches the next conv (DESIGN.md, "What a cache may trust")."""
+    `.data`, or as a fused optimizer writes) reaches the next conv."""
     x = _rand(1, 16, 6, 6, fmt=torch.channels_last)
     wt = _rand(8, 16, 3, 3)                         # NCHW weight: needs the (Cout, kh, kw, Cin) re-layout
     first, _ = conv2d_nhwc(x, wt, padding=1)
