@@ -18,8 +18,7 @@ what a launch would compile to (:func:`report_variants`, for the compile-report 
   :func:`fastres.kernels.warmup.warmup` once before capturing.
 
 Host functions: :func:`conv2d_nhwc` (allocate + launch), :func:`conv2d_nhwc_supports` (which calls
-the kernel covers), :func:`merge_stats` (Chan's merge of the partials, plain torch) and
-:func:`report_variants`.
+the kernel covers) and :func:`report_variants`.
 """
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ from fastres.kernels.shapes import conv_out_hw
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
 
-__all__ = ["conv2d_nhwc", "conv2d_nhwc_supports", "merge_stats", "report_variants", "GPU_CONFIGS",
+__all__ = ["conv2d_nhwc", "conv2d_nhwc_supports", "report_variants", "GPU_CONFIGS",
            "BLOCK_M_GPU", "BLOCK_M_INTERPRETER"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -366,23 +365,3 @@ def report_variants(case: dict, dtype: str) -> List[dict]:
                             grid=_grid_size(m, cout, BLOCK_M_GPU, cfg.kwargs["BLOCK_N"]), bytes=nbytes,
                             flops=2 * m * cout * case["kh"] * case["kw"] * case["cin"], name=case.get("name")))
     return out
-
-
-def merge_stats(partials: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Chan's parallel merge of per-tile (count, mean, M2) partials, in plain torch.
-
-    partials: (T, 3, C) as returned by conv2d_nhwc(want_stats=True).
-    Returns (mean, var_biased, count), each a (C,) fp32 tensor (count is the same for every channel:
-    the number of rows merged). Computed in float64:
-        n = sum n_t,  mean = sum n_t * mean_t / n,  M2 = sum M2_t + sum n_t * (mean_t - mean)^2,
-        var_biased = M2 / n.
-    """
-    if not isinstance(partials, Tensor) or partials.dim() != 3 or partials.shape[1] != 3:
-        got = tuple(partials.shape) if isinstance(partials, Tensor) else type(partials).__name__
-        raise ValueError(f"merge_stats: expected partials of shape (T, 3, C), got {got}")
-    p = partials.to(torch.float64)
-    cnt, mu, m2 = p[:, 0], p[:, 1], p[:, 2]
-    n = cnt.sum(0)
-    mean = (cnt * mu).sum(0) / n
-    var = (m2.sum(0) + (cnt * (mu - mean) ** 2).sum(0)) / n
-    return mean.float(), var.float(), n.float()

@@ -1,6 +1,7 @@
 """Shared by the tests of kernels/conv.py: random inputs, the float64 reference and the closeness checks."""
 
 import math
+from typing import Tuple
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ from fastres.kernels import interpreter_active
 
 triton = pytest.importorskip("triton")
 from fastres.kernels import conv as kconv  # noqa: E402
-from fastres.kernels.conv import merge_stats  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -78,3 +78,25 @@ RESNET50_CASES = [  # every distinct conv of ResNet-50 (torchvision v1.5: stride
     (1024, 14, 256, 1, 1), (256, 14, 256, 3, 1), (1024, 14, 512, 1, 1), (512, 14, 512, 3, 2), (512, 7, 2048, 1, 1),
     (1024, 14, 2048, 1, 2), (2048, 7, 512, 1, 1), (512, 7, 512, 3, 1),
 ]
+
+
+# The conv's statistics epilogue is checked through this plain-torch merge of its partials (the backends
+# merge them with the BatchNorm finalize kernel).
+def merge_stats(partials: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan's parallel merge of per-tile (count, mean, M2) partials, in plain torch.
+
+    partials: (T, 3, C) as returned by conv2d_nhwc(want_stats=True).
+    Returns (mean, var_biased, count), each a (C,) fp32 tensor (count is the same for every channel:
+    the number of rows merged). Computed in float64:
+        n = sum n_t,  mean = sum n_t * mean_t / n,  M2 = sum M2_t + sum n_t * (mean_t - mean)^2,
+        var_biased = M2 / n.
+    """
+    if not isinstance(partials, torch.Tensor) or partials.dim() != 3 or partials.shape[1] != 3:
+        got = tuple(partials.shape) if isinstance(partials, torch.Tensor) else type(partials).__name__
+        raise ValueError(f"merge_stats: expected partials of shape (T, 3, C), got {got}")
+    p = partials.to(torch.float64)
+    cnt, mu, m2 = p[:, 0], p[:, 1], p[:, 2]
+    n = cnt.sum(0)
+    mean = (cnt * mu).sum(0) / n
+    var = (m2.sum(0) + (cnt * (mu - mean) ** 2).sum(0)) / n
+    return mean.float(), var.float(), n.float()

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-from conv_helpers import DEV, RESNET50_CASES, _block_m, _check_stats, _close, _rand, _ref
+from conv_helpers import DEV, RESNET50_CASES, _block_m, _check_stats, _close, _rand, _ref, merge_stats
 
 triton = pytest.importorskip("triton")
 from fastres.kernels import conv as kconv  # noqa: E402
 from fastres.kernels import conv_kernel as ck  # noqa: E402
-from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports, merge_stats  # noqa: E402
+from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports  # noqa: E402
 
 # (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation). Cin 3, 5, 17, 40 are zero-padded to 16, 16,
 # 32, 48 channels by the host (several K-steps per tap for 17, 40); Cin 64 is one 64-channel K-step per tap.
