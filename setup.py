@@ -144,7 +144,7 @@ setup(
         "train": ["tqdm", "matplotlib", "scikit-learn", "pillow"],
         # the drop-in tests run fastres under the tools users bring: timm, ONNX (+ onnxruntime), Lightning
         "test": ["pytest", "pytest-benchmark", "torchvision", "scikit-learn", "tqdm", "matplotlib", "pillow",
-                 "ruff", "timm", "onnx", "onnxscript", "onnxruntime", "lightning"],
+                 "ruff", "timm", "onnx", "onnxscript", "onnxruntime", "lightning", "torchinfo"],
     },
     ext_modules=ext_modules,
     cmdclass=_Optional.wrap(cmdclass),
