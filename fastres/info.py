@@ -31,8 +31,10 @@ def collect() -> Dict[str, object]:
     ext_ok, ext_why = backend.available("cuda")
     backends = {}
     for name in ("torch", "triton", "cuda"):
-        ok, why = backend.available(name)
-        backends[name] = {"available": ok, "why_not": why, "covers": COVERAGE[name]}
+        ok, why = backend.available(name)            # installed / built
+        here, why_here = backend.runs_here(name)     # and a device it serves is present
+        backends[name] = {"installed": ok, "available": here, "why_not": why if not ok else why_here,
+                          "covers": COVERAGE[name]}
     per_device = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         try:
@@ -66,9 +68,9 @@ def render(info: Dict[str, object]) -> str:
         lines.append(f"{key:24} {info[key]}")
     lines.append(f"{'devices':24} " + "; ".join(info["devices"]))
     lines.append("")
-    lines.append(f"{'backend':8} {'available':10} covers / why not")
+    lines.append(f"{'backend':8} {'installed':10} {'runs here':10} covers / why not")
     for name, b in info["backends"].items():
-        lines.append(f"{name:8} {'yes' if b['available'] else 'no':10} "
+        lines.append(f"{name:8} {'yes' if b['installed'] else 'no':10} {'yes' if b['available'] else 'no':10} "
                      f"{b['covers'] if b['available'] else b['why_not']}")
     lines.append("")
     lines.append(f"{'op':14} " + " ".join(f"{d:10}" for d in info["conv_bn_act runs on"]))

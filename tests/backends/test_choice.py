@@ -99,3 +99,16 @@ def test_auto_on_cuda_follows_the_recorded_preference(monkeypatch):
     monkeypatch.setitem(backend.AUTO_PREFERENCE, "conv_bn_act", ("cuda", "triton", "torch"))
     monkeypatch.setattr(backend, "available", lambda name: (name != "cuda", "not built"))
     assert backend.resolve("conv_bn_act", cuda) == "triton"  # the first available one
+
+
+def test_info_says_what_runs_here(monkeypatch):
+    """A backend that imports but has no device to run on is not reported as running here."""
+    from fastres import info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    got = info.collect()["backends"]
+    assert got["torch"]["available"] and got["torch"]["installed"]
+    for name in ("triton", "cuda"):
+        assert not got[name]["available"], name
+        assert got[name]["why_not"], name
