@@ -32,7 +32,6 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
-import triton
 
 from fastres.kernels.alloc import empty
 from fastres.kernels.batchnorm_kernels import (
@@ -44,6 +43,7 @@ from fastres.kernels.batchnorm_kernels import (
     _pack_mask_kernel,
     _tile_stats_kernel,
 )
+from fastres.kernels.shapes import cdiv, next_pow2
 
 Tensor = torch.Tensor
 
@@ -69,24 +69,24 @@ def _on_device(t: Tensor):
 
 def _reduce_plan(m: int, c: int):
     """((tiles, channel blocks), meta) of the tile kernels over an (m rows, c channels) tensor."""
-    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-    block_m = min(triton.next_power_of_2(m), max(1, TILE_ELEMS // block_c))
-    return (triton.cdiv(m, block_m), triton.cdiv(c, block_c)), dict(BLOCK_M=block_m, BLOCK_C=block_c)
+    block_c = min(next_pow2(c), MAX_BLOCK_C)
+    block_m = min(next_pow2(m), max(1, TILE_ELEMS // block_c))
+    return (cdiv(m, block_m), cdiv(c, block_c)), dict(BLOCK_M=block_m, BLOCK_C=block_c)
 
 
 def _merge_plan(t: int, c: int):
     """((groups, channel blocks), meta, chunk) of the merge kernels over t partial rows of c channels:
     groups of `chunk` consecutive rows, enough of them for about MERGE_PROGRAMS programs (fewer only
     when t * channel blocks is smaller)."""
-    block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-    cblocks = triton.cdiv(c, block_c)
-    chunk = triton.cdiv(t, min(t, triton.cdiv(MERGE_PROGRAMS, cblocks)))
-    return (triton.cdiv(t, chunk), cblocks), dict(BLOCK_T=BLOCK_T, BLOCK_C=block_c), chunk
+    block_c = min(next_pow2(c), MAX_BLOCK_C)
+    cblocks = cdiv(c, block_c)
+    chunk = cdiv(t, min(t, cdiv(MERGE_PROGRAMS, cblocks)))
+    return (cdiv(t, chunk), cblocks), dict(BLOCK_T=BLOCK_T, BLOCK_C=block_c), chunk
 
 
 def _flat_plan(numel: int):
     """((programs,), meta) of the elementwise kernels."""
-    return (triton.cdiv(numel, FLAT_BLOCK),), dict(BLOCK=FLAT_BLOCK)
+    return (cdiv(numel, FLAT_BLOCK),), dict(BLOCK=FLAT_BLOCK)
 
 
 def _merge_workspace(t: int, c: int, width: int, dev):
@@ -323,7 +323,7 @@ def report_variants(case: dict, dtype: str) -> list:
         from fastres.kernels.conv import BLOCK_M_GPU as conv_block_m  # rows per conv statistics tile
     except ImportError:
         conv_block_m = 128
-    for src, t in (("conv partials", triton.cdiv(m, conv_block_m)), ("bn_partials", tgrid[0])):
+    for src, t in (("conv partials", cdiv(m, conv_block_m)), ("bn_partials", tgrid[0])):
         grid, meta, chunk = _merge_plan(t, c)
         for running in (True, False):
             ptrs = dict(part_ptr=f, ws_ptr=f, count_ptr="*i32", mean_ptr=f, invstd_ptr=f, rmean_ptr=f, rvar_ptr=f)

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import triton
 
 from fastres.kernels import alloc as _alloc
 from fastres.kernels import interpreter_active
@@ -41,7 +40,7 @@ from fastres.kernels.conv_kernel import (
     prune_configs,
 )
 from fastres.kernels.conv_s2d import S2D_CIN_P, s2d_applies, s2d_input, s2d_shape, s2d_weight
-from fastres.kernels.shapes import conv_out_hw
+from fastres.kernels.shapes import cdiv, conv_out_hw, next_pow2
 
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
@@ -186,12 +185,12 @@ def _geometry(n, cin, h, w, cout, kh, kw, stride, padding, dilation, res_strides
                 DIL_H=dilation[0], DIL_W=dilation[1],
                 sxn=h * w * cin_p, sxh=w * cin_p, sxw=cin_p,
                 srn=res_strides[0], src=res_strides[1], srh=res_strides[2], srw=res_strides[3],
-                M_KEY=triton.next_power_of_2(m),
+                M_KEY=next_pow2(m),
                 KH=kh, KW=kw, MASK_HW=padding[0] > 0 or padding[1] > 0, S2D=s2d)
 
 
 def _grid_size(m: int, cout: int, block_m: int, block_n: int) -> int:
-    return triton.cdiv(m, block_m) * triton.cdiv(cout, block_n)
+    return cdiv(m, block_m) * cdiv(cout, block_n)
 
 
 def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: IntPair = (1, 1),
@@ -259,7 +258,7 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
 
     interp = dev.type == "cpu"
     block_m = BLOCK_M_INTERPRETER if interp else BLOCK_M_GPU
-    tiles_m = triton.cdiv(m, block_m)
+    tiles_m = cdiv(m, block_m)
     part = (_alloc.empty((tiles_m, 3, cout), dtype=torch.float32, device=dev) if want_stats else None)
     if m == 0:
         return out, part
@@ -336,7 +335,7 @@ def report_variants(case: dict, dtype: str) -> List[dict]:
     configs = prune_configs(GPU_CONFIGS, geo["CIN_P"], cout, es, MAX_SHARED_SM90)
     x_bytes = case["n"] * geo["H"] * geo["W"] * geo["CIN_P"] * es     # as the kernel reads it (padded / rewritten)
     w_bytes = cout * geo["K_P"] * es
-    tiles_m = triton.cdiv(m, BLOCK_M_GPU)
+    tiles_m = cdiv(m, BLOCK_M_GPU)
     out = []
     for epi, opts in _EPILOGUES.items():
         flags = _flags(geo, precision="tf32", block_m=BLOCK_M_GPU, **opts)

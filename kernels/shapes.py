@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-__all__ = ["conv_out_hw"]
+__all__ = ["conv_out_hw", "cdiv", "next_pow2"]
 
 
 def conv_out_hw(h: int, w: int, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int],
@@ -13,3 +13,13 @@ def conv_out_hw(h: int, w: int, kh: int, kw: int, stride: Sequence[int], padding
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return ho, wo
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: triton.cdiv's value in one Python call (the host path counts calls)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1): triton.next_power_of_2's value in one Python call."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
