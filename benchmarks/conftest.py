@@ -1,13 +1,13 @@
 """pytest-benchmark setup for `pytest benchmarks/ --benchmark-only`.
 
-The rows live in fastres (fastres/bench_cases.py, shared with `python -m fastres.bench`); the environment
+The rows live in fastres (fastres/bench/cases.py, shared with `python -m fastres.bench`); the environment
 chooses the setup (fastres.bench.config.setup_from_env): FASTRES_BENCH_DEVICE, FASTRES_BENCH_QUICK=1 (also
 on when CI=true), FASTRES_BENCH_COMPILE=all|some|none, FASTRES_BENCH_PROVIDERS, FASTRES_BENCH_ONLY,
 FASTRES_BENCH_ROUNDS, FASTRES_BENCH_OP_SHAPES=1. Unlike tests/, nothing here turns on the Triton interpreter:
 its timings are meaningless, so on a CPU fastres runs its torch backend.
 
 Every test is one row: a contender (fastres) and its baseline (plain PyTorch), same weights and inputs,
-timed alternately in the same test (fastres/bench_timing.py): pytest-benchmark times the contender's
+timed alternately in the same test (fastres/bench/timing.py): pytest-benchmark times the contender's
 rounds (benchmark.pedantic), and its setup / teardown hooks time a baseline round just before the even
 rounds and just after the odd ones (B C C B B C ...). A round is `iterations` calls (chosen so that the
 faster provider's round lasts about a millisecond), so pytest-benchmark's own stats are per round: the

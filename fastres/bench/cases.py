@@ -2,7 +2,7 @@
 
 A :class:`Case` is one row: a contender (``fastres-<backend>``, ``fastres-<backend>+compile``) and the
 baseline it is compared to (``eager``, ``compile``), both built on the same weights and inputs and timed
-in the same run, alternately (fastres/bench_timing.py). Row names:
+in the same run, alternately (fastres/bench/timing.py). Row names:
 
 * models: ``resnet18 train b16 64px nchw``, ``resnet50 infer b8 64px channels_last`` ...;
 * blocks: ``basic-layer1.0 train b16 64px nchw`` ...;

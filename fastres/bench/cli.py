@@ -6,12 +6,12 @@
 
 The pieces, one job each (benchmarks/, the pytest-benchmark suite, uses the same ones):
 
-* fastres/bench_config.py  - the Setup: device, sizes, formats, (contender, baseline) pairs, rounds;
-* fastres/bench_models.py  - model and block cases (training step, inference), weights shared;
-* fastres/bench_ops.py     - op cases (per-op host overhead; ResNet-50 conv shapes) and their cost model;
-* fastres/bench_cases.py   - the rows of each level;
-* fastres/bench_timing.py  - alternating timing, medians and ratios, the table;
-* fastres/environment.py   - where it ran (device, cores, versions, git commit, CPU capability, date).
+* fastres/bench/config.py      - the Setup: device, sizes, formats, (contender, baseline) pairs, rounds;
+* fastres/bench/models.py      - model and block cases (training step, inference), weights shared;
+* fastres/bench/ops.py         - op cases (per-op host overhead; ResNet-50 conv shapes) and their cost model;
+* fastres/bench/cases.py       - the rows of each level;
+* fastres/bench/timing.py      - alternating timing, medians and ratios, the table;
+* fastres/bench/environment.py - where it ran (device, cores, versions, git commit, CPU capability, date).
 
 Figures on a CPU are CPU figures, labelled with the CPU model; nothing here is a GPU figure unless it ran on one.
 """

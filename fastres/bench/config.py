@@ -1,5 +1,5 @@
 """What a benchmark run measures: the :class:`Setup` (device, sizes, memory formats, which comparisons,
-how many rounds), for the command line (fastres/bench.py) and the pytest suite (benchmarks/).
+how many rounds), for the command line (fastres/bench/cli.py) and the pytest suite (benchmarks/).
 
 Every figure is a comparison, timed in one run: ``(contender, baseline)`` pairs, by default
 

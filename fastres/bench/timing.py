@@ -97,7 +97,7 @@ def _error(e: Exception) -> str:
 
 
 def run_rows(setup: Setup, todo: list, progress: bool = True) -> List[dict]:
-    """Time every Case of `todo` (fastres/bench_cases.py); one dict per row (skipped and failed rows included)."""
+    """Time every Case of `todo` (fastres/bench/cases.py); one dict per row (skipped and failed rows included)."""
     try:
         from tqdm import tqdm
         todo_it = tqdm(todo, disable=not progress, file=sys.stderr, desc="fastres.bench")
