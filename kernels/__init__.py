@@ -11,6 +11,7 @@ its modules do.
 * batchnorm_kernels.py  - their @triton.jit kernels
 * warmup.py             - tune every autotune key before CUDA-graph capture
 * report.py             - compiled-kernel report (python -m fastres.kernels.report): PTX, registers, spills
+* report_variants.py    - the launches conv.py and batchnorm.py make, described for report.py to compile
 * alloc.py              - output allocation with the poison switch tests use
 * shapes.py             - the convolution's output size (triton-free; also fastres.layout's)
 """

@@ -22,9 +22,8 @@ Host functions (same names, argument order and meaning as the CUDA C++ ops fastr
   pack_mask(y) -> mask  (the bit mask of y > 0 alone, for eval-mode forwards whose y comes from the conv)
 The bit mask layout is fastres.layout.pack_relu_mask: bit i % 8 of byte i // 8 is y_i > 0, i the
 element's position in memory order. Every launch runs under the CUDA device of its tensors.
-
-report_variants(case, dtype) describes, for the report tool (report.py), every launch these host
-functions make after a conv of a given shape.
+report_variants.py describes, for the report tool (report.py), every launch these host functions make
+after a conv of a given shape, from the launch plans below.
 """
 from __future__ import annotations
 
@@ -65,7 +64,7 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# ---- launch plans: grid and meta-parameters of every launch (also read by report_variants) ------
+# ---- launch plans: grid and meta-parameters of every launch (also read by report_variants.py) ---
 
 def _reduce_plan(m: int, c: int):
     """((tiles, channel blocks), meta) of the tile kernels over an (m rows, c channels) tensor."""
@@ -291,74 +290,3 @@ def bn_backward(grad_y: Tensor, z: Tensor, mask: Tensor, mean: Tensor, invstd: T
             **flat_meta, **_LAUNCH)
     return dz, dgamma, dbeta, dres
 
-
-# ---- report (python -m fastres.kernels.report) ----------------------------------------------------
-
-def report_variants(case: dict, dtype: str) -> list:
-    """Every launch the host functions above make on the NHWC output (n, cout, Ho, Wo) of the conv `case`
-    (a fastres.kernels.report.RESNET50_CASES entry), data dtype `dtype` ("bf16", "fp16", "fp32"; BN
-    parameters and running statistics fp32, as under autocast), in the variant format of report.py.
-    bytes / flops are each launch's minimum traffic and a count of its arithmetic per element."""
-    from fastres.kernels import report as rep  # lazy: report imports this module
-
-    ho, wo = rep.conv_out_hw(case)
-    c, hw = case["cout"], ho * wo
-    m = case["n"] * hw
-    numel, es = m * c, rep.ELEM_BYTES[dtype]
-    d, f = "*" + dtype, "*fp32"
-    geo = dict(M=m, C=c, HW=hw, s_n=hw * c, s_hw=c, s_c=1)          # NHWC, as the Triton conv writes
-    flat = dict(numel=numel, C=c, C_INNER=1)
-    out = []
-
-    def add(fn, role, epilogue, grid, meta, ptrs, ints, nbytes, flops, floats=(), flags=None):
-        out.append(rep.describe(fn, role=role, epilogue=epilogue, meta=meta, flags=flags, ptrs=ptrs, ints=ints,
-                                floats=floats, grid=grid[0] * (grid[1] if len(grid) > 1 else 1),
-                                nbytes=nbytes, flops=flops, num_warps=NUM_WARPS, num_stages=NUM_STAGES))
-
-    # forward statistics: bn_partials (bn_stats) and the finalize of the conv's own partials
-    tgrid, tmeta = _reduce_plan(m, c)
-    add(_tile_stats_kernel, "bn_reduce", "bn_partials", tgrid, tmeta, dict(z_ptr=d, part_ptr=f), geo,
-        numel * es + tgrid[0] * 3 * c * 4, 4 * numel)
-    try:
-        from fastres.kernels.conv import BLOCK_M_GPU as conv_block_m  # rows per conv statistics tile
-    except ImportError:
-        conv_block_m = 128
-    for src, t in (("conv partials", cdiv(m, conv_block_m)), ("bn_partials", tgrid[0])):
-        grid, meta, chunk = _merge_plan(t, c)
-        for running in (True, False):
-            ptrs = dict(part_ptr=f, ws_ptr=f, count_ptr="*i32", mean_ptr=f, invstd_ptr=f, rmean_ptr=f, rvar_ptr=f)
-            add(_finalize_kernel, "bn_merge", f"{src}{', running stats' if running else ''}", grid, meta, ptrs,
-                dict(T=t, C=c, G=grid[0], CHUNK=chunk), (t + 2 * grid[0]) * 3 * c * 4 + (6 if running else 2) * c * 4,
-                12 * t * c, floats=("momentum", "eps"), flags=dict(HAS_RUNNING=running))
-            if src == "bn_partials":
-                break   # bn_stats: the same code at another grid, running stats on
-    # forward apply (training: z -> y, optional residual, ReLU and mask for the backward)
-    fgrid, fmeta = _flat_plan(numel)
-    vec = dict(mean_ptr=f, invstd_ptr=f, w_ptr=f, b_ptr=f)
-    for label, res, relu in (("relu+mask", False, True), ("add+relu+mask", True, True), ("plain", False, False)):
-        add(_apply_kernel, "bn_elementwise", label, fgrid, fmeta,
-            dict(vec, z_ptr=d, res_ptr=d, y_ptr=d, mask_ptr="*u8"), flat,
-            numel * es * (2 + res) + (numel // 8 if relu else 0) + 4 * c * 4, numel * (2 + res + relu),
-            flags=dict(HAS_W=True, HAS_B=True, HAS_RES=res, RELU=relu, SAVE_MASK=relu))
-    add(_pack_mask_kernel, "bn_elementwise", "mask of y", fgrid, fmeta, dict(y_ptr=d, mask_ptr="*u8"),
-        dict(numel=numel), numel * es + numel // 8, numel)
-    # backward: tile sums, their merge, dz
-    bgrid, bmeta = _reduce_plan(m, c)
-    for relu in (True, False):
-        add(_bwd_tile_kernel, "bn_reduce", "relu mask" if relu else "plain", bgrid, bmeta,
-            dict(g_ptr=d, z_ptr=d, mask_ptr="*u8", mean_ptr=f, invstd_ptr=f, part_ptr=f), geo,
-            2 * numel * es + (numel // 8 if relu else 0) + bgrid[0] * 2 * c * 4, 6 * numel, flags=dict(RELU=relu))
-    grid, meta, chunk = _merge_plan(bgrid[0], c)
-    add(_bwd_reduce_kernel, "bn_merge", "dgamma, dbeta", grid, meta,
-        dict(part_ptr=f, ws_ptr=f, count_ptr="*i32", dbeta_ptr=f, dgamma_ptr=f),
-        dict(T=bgrid[0], C=c, G=grid[0], CHUNK=chunk), (bgrid[0] + 2 * grid[0]) * 2 * c * 4 + 2 * c * 4,
-        2 * bgrid[0] * c)
-    ptrs = dict(g_ptr=d, z_ptr=d, mask_ptr="*u8", mean_ptr=f, invstd_ptr=f, w_ptr=f, sg_ptr=f, sgx_ptr=f,
-                dz_ptr=d, dres_ptr=d)
-    for label, training, relu, dres in (("train, relu, dres", True, True, True), ("train, relu", True, True, False),
-                                        ("train, plain", True, False, False), ("eval, relu", False, True, False)):
-        add(_bwd_dz_kernel, "bn_elementwise", label, fgrid, fmeta, ptrs, flat,
-            numel * es * (2 + training + dres) + (numel // 8 if relu else 0) + 6 * c * 4,
-            numel * (8 if training else 2), floats=("inv_n",),
-            flags=dict(HAS_W=True, TRAINING=training, RELU=relu, NEED_DRES=dres))
-    return out

@@ -1,8 +1,8 @@
 """Implicit-GEMM conv2d over NHWC in Triton, with the fused epilogues of fastres: the host side.
 
 The kernel and its config model live in kernels/conv_kernel.py (its docstring derives the GEMM
-view and the tap-major mainloop). This module prepares the operands, picks the launch, and says
-what a launch would compile to (:func:`report_variants`, for the compile-report tool):
+view and the tap-major mainloop). This module prepares the operands and picks the launch; what a
+launch compiles to is described from its geometry and flags in report_variants.py (the report tool):
 
 * input: made channels_last; when Cin is not a multiple of 16 it is copied once into a zero-padded
   (N, H, W, CIN_P) buffer, so a K-step is a run of whole 16-byte channel vectors; a stride-2 conv over
@@ -17,12 +17,12 @@ what a launch would compile to (:func:`report_variants`, for the compile-report 
   so a new batch size reuses the tuning; tuning cannot run inside CUDA-graph capture: run
   :func:`fastres.kernels.warmup.warmup` once before capturing.
 
-Host functions: :func:`conv2d_nhwc` (allocate + launch), :func:`conv2d_nhwc_supports` (which calls
-the kernel covers) and :func:`report_variants`.
+Host functions: :func:`conv2d_nhwc` (allocate + launch) and :func:`conv2d_nhwc_supports` (which calls
+the kernel covers).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -34,10 +34,8 @@ from fastres.kernels.conv_kernel import (
     CHANNEL_ALIGN,
     GPU_CONFIGS,
     GROUP_M,
-    MAX_SHARED_SM90,
     _conv_kernel,
     _conv_kernel_tuned,
-    prune_configs,
 )
 from fastres.kernels.conv_s2d import S2D_CIN_P, s2d_applies, s2d_input, s2d_shape, s2d_weight
 from fastres.kernels.shapes import cdiv, conv_out_hw, next_pow2
@@ -45,12 +43,11 @@ from fastres.kernels.shapes import cdiv, conv_out_hw, next_pow2
 Tensor = torch.Tensor
 IntPair = Union[int, Sequence[int]]
 
-__all__ = ["conv2d_nhwc", "conv2d_nhwc_supports", "report_variants", "GPU_CONFIGS",
+__all__ = ["conv2d_nhwc", "conv2d_nhwc_supports", "GPU_CONFIGS",
            "BLOCK_M_GPU", "BLOCK_M_INTERPRETER"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2 ** 31 - 1
-_ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def _interp_meta(cin_p: int) -> dict:
@@ -286,81 +283,12 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
 
 _INT_ARGS = ("M", "COUT", "H", "W", "HO", "WO", "CIN_P", "K_P", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",
              "DIL_H", "DIL_W", "sxn", "sxh", "sxw", "srn", "src", "srh", "srw", "M_KEY")
-_PTR_ARGS = ("X", "Wt", "BIAS", "SCALE", "SHIFT", "RES", "OUT", "PART")
-_FP32_PTRS = {"BIAS", "SCALE", "SHIFT", "PART"}
 
 
 def _flags(geo: dict, has_bias: bool, has_scale: bool, has_shift: bool, has_res: bool, relu: bool,
            want_stats: bool, precision: str, block_m: int) -> dict:
+    """The kernel's constexpr switches for a launch of this geometry and epilogue."""
     return dict(KH=geo["KH"], KW=geo["KW"], MASK_HW=bool(geo["MASK_HW"]), HAS_BIAS=has_bias,
                 HAS_SCALE=has_scale, HAS_SHIFT=has_shift, HAS_RES=has_res, RELU=bool(relu),
                 WANT_STATS=bool(want_stats), PRECISION=precision, BLOCK_M=block_m, GROUP_M=GROUP_M)
 
-
-# The epilogues conv_bn_act launches on a GPU, by the report tool's names.
-_EPILOGUES = {
-    "stats": dict(has_bias=False, has_scale=False, has_shift=False, has_res=False, relu=False, want_stats=True),
-    "folded": dict(has_bias=False, has_scale=True, has_shift=True, has_res=False, relu=True, want_stats=False),
-    "folded_residual_relu": dict(has_bias=False, has_scale=True, has_shift=True, has_res=True, relu=True,
-                                 want_stats=False),
-}
-
-
-def _kernel_args() -> List[Tuple[str, bool]]:
-    """(name, is constexpr) of each argument of the kernel, read from its Python signature (works on the
-    JITFunction and on the interpreter's wrapper alike)."""
-    import inspect
-    params = inspect.signature(_conv_kernel.fn).parameters.values()
-    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
-
-
-def report_variants(case: dict, dtype: str) -> List[dict]:
-    """What a GPU launch of this conv compiles to: one dict per (epilogue, config the launcher may
-    pick after pruning), for the compile-report tool.
-
-    case: dict(name, n, cin, h, w, cout, kh, kw, stride, pad) (dilation 1, channels_last residual);
-    dtype: "bf16", "fp16" or "fp32" (fp32 as TF32, PyTorch's default conv flag).
-    Each dict: kernel, fn, role ("conv"), epilogue, config, signature (arg -> Triton type),
-    constexprs (arg -> value: meta-parameters and the ints the launcher specialises, == 1),
-    aligned (pointers, all 16-byte aligned as torch allocates, and ints divisible by 16), grid
-    (programs), bytes (minimum HBM traffic), flops (2 * M * Cout * kh * kw * Cin).
-    """
-    if dtype not in _ELEM_BYTES:
-        raise ValueError(f"report_variants: dtype must be one of {sorted(_ELEM_BYTES)}, got {dtype!r}")
-    es = _ELEM_BYTES[dtype]
-    st, pad = (case["stride"],) * 2, (case["pad"],) * 2
-    geo = _geometry(case["n"], case["cin"], case["h"], case["w"], case["cout"], case["kh"], case["kw"], st, pad,
-                    (1, 1))
-    m, cout = geo["M"], geo["COUT"]
-    configs = prune_configs(GPU_CONFIGS, geo["CIN_P"], cout, es, MAX_SHARED_SM90)
-    x_bytes = case["n"] * geo["H"] * geo["W"] * geo["CIN_P"] * es     # as the kernel reads it (padded / rewritten)
-    w_bytes = cout * geo["K_P"] * es
-    tiles_m = cdiv(m, BLOCK_M_GPU)
-    out = []
-    for epi, opts in _EPILOGUES.items():
-        flags = _flags(geo, precision="tf32", block_m=BLOCK_M_GPU, **opts)
-        nbytes = x_bytes + w_bytes + m * cout * es
-        nbytes += m * cout * es if opts["has_res"] else 0
-        nbytes += tiles_m * 3 * cout * 4 if opts["want_stats"] else 0
-        nbytes += 2 * cout * 4 if opts["has_scale"] else 0
-        for cfg in configs:
-            consts = dict(flags, **cfg.kwargs)
-            sig, constexprs, aligned = {}, {}, []
-            for arg, is_constexpr in _kernel_args():
-                if is_constexpr:
-                    sig[arg], constexprs[arg] = "constexpr", consts[arg]
-                elif arg in _PTR_ARGS:
-                    sig[arg] = "*" + ("fp32" if arg in _FP32_PTRS else dtype)
-                    aligned.append(arg)
-                elif geo[arg] == 1:          # the launcher turns an int 1 into a constant
-                    sig[arg], constexprs[arg] = "constexpr", 1
-                else:
-                    sig[arg] = "i32"
-                    if geo[arg] % 16 == 0:
-                        aligned.append(arg)
-            out.append(dict(kernel=_conv_kernel.fn.__name__, fn=_conv_kernel, role="conv", epilogue=epi,
-                            config=dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                            signature=sig, constexprs=constexprs, aligned=aligned,
-                            grid=_grid_size(m, cout, BLOCK_M_GPU, cfg.kwargs["BLOCK_N"]), bytes=nbytes,
-                            flops=2 * m * cout * case["kh"] * case["kw"] * case["cin"], name=case.get("name")))
-    return out

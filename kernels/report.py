@@ -2,8 +2,8 @@
 
     python -m fastres.kernels.report --out DIR [--arch 90] [--dtype bf16[,fp16,fp32]] [--subset | --cases A,B]
 
-For every ResNet-50 conv shape at batch 256 (RESNET50_CASES) and every dtype asked for, each kernel
-module's report_variants(case, dtype) lists the launches its host code makes there (one per kernel,
+For every ResNet-50 conv shape at batch 256 (RESNET50_CASES) and every dtype asked for,
+report_variants.py lists the launches each kernel module's host code makes there (one per kernel,
 epilogue and config the launcher could pick). Each is compiled by Triton's real compiler (TTIR ->
 PTX -> ptxas) for sm_<arch> (90: sm_90a), its PTX written to DIR, and measured:
 
@@ -21,11 +21,8 @@ Exit status: 0 when every variant compiled, 1 when one failed (report.json says 
 Triton has no usable NVIDIA backend / ptxas. Under TRITON_INTERPRET=1 @triton.jit yields interpreted
 functions that cannot be compiled: the tool re-executes itself with TRITON_INTERPRET=0.
 
-A variant (what report_variants returns; :func:`describe` builds one) is a dict with keys kernel, fn
-(the JITFunction), role ("conv", "bn_reduce", "bn_merge", "bn_elementwise"), epilogue (a label),
-config (meta-parameters + num_warps + num_stages), signature (argument -> Triton type: "*bf16", "*fp32",
-"*u8", "*i32", "i32", "fp32", "constexpr"), constexprs (argument -> value), aligned (arguments 16-byte
-aligned / divisible by 16), grid (int), bytes, flops.
+The variant format (kernel, fn, role, epilogue, config, signature, constexprs, aligned, grid, bytes,
+flops) is report_variants.py's.
 """
 from __future__ import annotations
 
@@ -38,8 +35,6 @@ import re
 import subprocess
 import sys
 import time
-
-from fastres.kernels import shapes as _shapes
 
 PEAK_FLOPS = 989e12   # H100 SXM dense bf16 tensor-core FLOP/s
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3 bytes/s
@@ -75,63 +70,11 @@ RESNET50_CASES = [
 SUBSET = ("stem", "l1.3x3.64", "l2.3x3.128/2", "l4.1x1.512-2048")
 DTYPES = ("bf16", "fp16", "fp32")
 ROLES = ("conv", "bn_reduce", "bn_merge", "bn_elementwise")
-KERNEL_MODULES = ("conv", "batchnorm")   # fastres.kernels.<name>, each with report_variants(case, dtype)
-ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def conv_out_hw(case):
-    """(Ho, Wo) of a case (dilation 1)."""
-    s, p = (case["stride"],) * 2, (case["pad"],) * 2
-    return _shapes.conv_out_hw(case["h"], case["w"], case["kh"], case["kw"], s, p)
+KERNEL_MODULES = ("conv", "batchnorm")   # fastres.kernels.<name>, described by report_variants.VARIANTS[name]
 
 
 def predicted_us(flops, nbytes):
     return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES) * 1e6
-
-
-def _constexpr_flags(fn):
-    """Per argument of a @triton.jit function: is it tl.constexpr (also under the interpreter, whose
-    InterpretedFunction has no .params)."""
-    if hasattr(fn, "params"):
-        return [p.is_constexpr for p in fn.params]
-    params = inspect.signature(fn.fn).parameters.values()
-    return [p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation) for p in params]
-
-
-def describe(fn, *, role, epilogue, meta, ptrs, ints, floats=(), flags=None, grid, nbytes, flops,
-             num_warps=4, num_stages=3, kernel=None):
-    """A variant for `fn` launched as a host function would launch it.
-
-    meta: block-size meta-parameters (constexpr); flags: the epilogue's constexpr switches; ptrs:
-    pointer argument -> Triton type ("*fp32"), each taken 16-byte aligned (torch allocations are);
-    ints: integer argument -> the value of the launch, specialized as Triton's launcher does (1 ->
-    constexpr, a multiple of 16 -> aligned); floats: fp32 scalar arguments. Every argument of `fn`
-    must be in exactly one of them."""
-    consts = dict(flags or {}, **meta)
-    signature, constexprs, aligned = {}, {}, []
-    for arg, is_constexpr in zip(fn.arg_names, _constexpr_flags(fn)):
-        if is_constexpr:
-            if arg not in consts:
-                raise KeyError(f"{fn.__name__}: constexpr {arg} has no value in meta/flags")
-            signature[arg], constexprs[arg] = "constexpr", consts[arg]
-        elif arg in ptrs:
-            signature[arg] = ptrs[arg]
-            aligned.append(arg)
-        elif arg in floats:
-            signature[arg] = "fp32"
-        elif arg in ints:
-            v = int(ints[arg])
-            if v == 1:
-                signature[arg], constexprs[arg] = "constexpr", 1
-            else:
-                signature[arg] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
-                if v % 16 == 0:
-                    aligned.append(arg)
-        else:
-            raise KeyError(f"{fn.__name__}: argument {arg} is neither a pointer, an int nor a float here")
-    return dict(kernel=kernel or fn.__name__, fn=fn, role=role, epilogue=epilogue,
-                config=dict(meta, num_warps=num_warps, num_stages=num_stages), signature=signature,
-                constexprs=constexprs, aligned=aligned, grid=int(grid), bytes=int(nbytes), flops=int(flops))
 
 
 # ---- PTX reading ---------------------------------------------------------------------------------
@@ -263,13 +206,15 @@ def jit_kernels(module):
 
 def collect(cases, dtypes):
     """(variants, notes, kernels): every module's variants at every case and dtype."""
+    from fastres.kernels.report_variants import VARIANTS  # imports triton: not at this module's import
+
     variants, notes, kernels = [], [], {}
     for name, mod in kernel_modules().items():
         kernels[name] = jit_kernels(mod)
-        fn = getattr(mod, "report_variants", None)
+        fn = VARIANTS.get(name)
         if fn is None:
-            notes.append(f"{name}: fastres.kernels.{name} has no report_variants(case, dtype) yet; its kernels "
-                         f"{kernels[name]} are not in this report")
+            notes.append(f"{name}: no report_variants (fastres.kernels.report_variants.VARIANTS) for "
+                         f"fastres.kernels.{name} yet; its kernels {kernels[name]} are not in this report")
             continue
         for case in cases:
             for dt in dtypes:

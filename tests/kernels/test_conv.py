@@ -4,9 +4,6 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TR
 tiny shapes, fp32 and fp16. bf16 and the ResNet-50 shapes run only on a GPU (@pytest.mark.gpu).
 Every reference is F.conv2d in float64 on the very inputs the kernel saw; outputs are poisoned.
 """
-import inspect
-import math
-
 import pytest
 import torch
 from conv_helpers import DEV, RESNET50_CASES, _block_m, _check_stats, _close, _rand, _ref, merge_stats
@@ -240,14 +237,7 @@ def test_channels_last_weight_conv(poison, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# launch plan: config pruning, bucketed autotune key, the report tool's variants
-
-
-
-def _case(cin, h, cout, k, s, n=256):
-    return dict(name=f"{cin}x{h}-{cout}k{k}s{s}", n=n, cin=cin, h=h, w=h, cout=cout, kh=k, kw=k, stride=s,
-                pad=k // 2)
-
+# launch plan: config pruning, bucketed autotune key (the report tool's variants: test_report_variants.py)
 
 @pytest.mark.parametrize("elem", [2, 4], ids=["16bit", "fp32"])
 def test_pruned_configs_fit(elem):
@@ -267,39 +257,6 @@ def test_autotune_key_is_bucketed():
     assert "M" not in ck._conv_kernel_tuned.keys and "M_KEY" in ck._conv_kernel_tuned.keys
     g = [kconv._geometry(n, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1)) for n in (170, 256, 400)]
     assert g[0]["M_KEY"] == g[1]["M_KEY"] == triton.next_power_of_2(256 * 56 * 56) < g[2]["M_KEY"]
-
-
-@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-def test_report_variants(dtype):
-    kernel = ck._conv_kernel
-    for cin, h, cout, k, s in [(64, 56, 64, 3, 1), (256, 56, 64, 1, 1), (3, 224, 64, 7, 2), (256, 56, 512, 1, 2)]:
-        case = _case(cin, h, cout, k, s)
-        vs = kconv.report_variants(case, dtype)
-        cin_p = kconv._cin_p(cin)
-        cfgs = ck.prune_configs(ck.GPU_CONFIGS, cin_p, cout, 4 if dtype == "fp32" else 2, ck.MAX_SHARED_SM90)
-        assert len(vs) == 3 * len(cfgs) > 0
-        assert {v["epilogue"] for v in vs} == {"stats", "folded", "folded_residual_relu"}
-        ho = (h + 2 * (k // 2) - k) // s + 1
-        m = 256 * ho * ho
-        for v in vs:
-            assert v["kernel"] == "_conv_kernel" and v["fn"] is kernel and v["role"] == "conv"
-            assert list(v["signature"]) == list(inspect.signature(kernel.fn).parameters)
-            assert v["signature"]["X"] == "*" + dtype and v["signature"]["PART"] == "*fp32"
-            assert all(v["signature"][a] == "constexpr" for a in v["constexprs"])
-            s2d = cin <= 4 and s == 2                      # the stem: space-to-depth, 4x4 stride 1, no padding
-            assert v["constexprs"]["BLOCK_M"] == ck.BLOCK_M_GPU and v["constexprs"]["KH"] == (4 if s2d else k)
-            assert v["constexprs"]["WANT_STATS"] == (v["epilogue"] == "stats")
-            assert v["constexprs"]["HAS_RES"] == (v["epilogue"] == "folded_residual_relu")
-            assert v["constexprs"]["MASK_HW"] == (k > 1 and not s2d)
-            assert v["signature"]["sxw"] == ("constexpr" if cin_p == 1 else "i32") and "sxw" in v["aligned"]
-            cfg = v["config"]
-            assert cfg["BLOCK_N"] == v["constexprs"]["BLOCK_N"] and cfg["BLOCK_K"] == v["constexprs"]["BLOCK_K"]
-            assert v["grid"] == math.ceil(m / ck.BLOCK_M_GPU) * math.ceil(cout / cfg["BLOCK_N"])
-            assert v["flops"] == 2 * m * cout * k * k * cin
-            es = 4 if dtype == "fp32" else 2
-            assert v["bytes"] >= (256 * h * h * cin + cout * k * k * cin + m * cout) * es
-    with pytest.raises(ValueError, match="dtype"):
-        kconv.report_variants(_case(64, 56, 64, 3, 1), "fp64")
 
 
 def test_warmup_restores_model_state():

@@ -2,7 +2,7 @@
 in fp16, bf16 and fp32, with no GPU.
 
 The rest of the suite runs the kernels through Triton's interpreter, which never lowers them to PTX
-and cannot run bf16. Here each launch the host functions make (each module's report_variants: the
+and cannot run bf16. Here each launch the host functions make (kernels/report_variants.py: the
 constexpr flags, block sizes, warps and stages, integer specializations of a real launch) goes
 through the real compiler (TTIR -> TTGIR -> LLVM IR -> PTX -> ptxas) by the report tool,
 `python -m fastres.kernels.report`, run once per target in a subprocess on two ResNet-50 cases
@@ -42,7 +42,7 @@ def reports(tmp_path_factory):
 
 
 def _kernels(reports):
-    """(module, kernel) of every @triton.jit kernel the modules with report_variants hold."""
+    """(module, kernel) of every @triton.jit kernel the modules with variants hold."""
     r = reports[CCS[0]]
     described = {v["module"] for v in r["variants"]}
     return sorted((m, k) for m, ks in r["kernels"].items() if m in described for k in ks)
@@ -53,7 +53,7 @@ def _where(cc, v):
 
 
 def test_every_kernel_is_covered(reports):
-    """A @triton.jit kernel added to a module must get variants there (report_variants)."""
+    """A @triton.jit kernel added to a module must get variants (kernels/report_variants.py)."""
     for cc, r in reports.items():
         assert r["kernels"]["batchnorm"], "no @triton.jit kernels found in fastres.kernels.batchnorm"
         assert not [n for n in r["notes"] if "have no variant" in n], r["notes"]

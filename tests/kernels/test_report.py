@@ -5,7 +5,8 @@ TRITON_INTERPRET=1 inherited as the test session sets it, so the tool's re-execu
 interpreter is exercised too, then check report.json: its form, no spills anywhere, BatchNorm
 reductions on >= 132 programs (one per SM of an H100 / H200), and the conv targets: wgmma in the
 K-step, at most 128 PTX instructions there, no scalar 16-bit global load (an element-wise gather) in it.
-The fast tests check the PTX reader and the variant description on hand-written inputs.
+The fast tests check the PTX reader on hand-written PTX and the ResNet-50 cases; the variants
+themselves (without compiling) are test_report_variants.py's.
 """
 import json
 import os
@@ -72,7 +73,7 @@ def test_every_kernel_has_a_variant(report):
         if not covered:
             assert any(n.startswith(f"{module}: ") and "no report_variants" in n for n in r["notes"]), (
                 f"{module}: no variants and no note saying why")
-            assert module == "conv", f"{module} must describe its launches (report_variants)"
+            assert module == "conv", f"{module} must describe its launches (kernels/report_variants.py)"
             continue
         assert set(kernels) <= covered, f"{module}: kernels without a variant: {set(kernels) - covered}"
 
@@ -109,7 +110,7 @@ def test_conv_kstep_targets(report):
     assert not bad, "\n".join(bad)
 
 
-# ---- fast: the PTX reader and the variant description -------------------------------------------------
+# ---- fast: the PTX reader and the cases -------------------------------------------------
 
 PTX = """
 .visible .entry k(
@@ -146,33 +147,10 @@ def test_ptx_metrics_find_the_innermost_tensor_core_loop():
     assert plain["kstep_instructions"] is None and plain["kstep_ld_global_b16"] is None
 
 
-def test_describe_specializes_like_the_launcher():
-    from fastres.kernels import batchnorm_kernels as k
-
-    v = rep.describe(k._apply_kernel, role="bn_elementwise", epilogue="x", meta=dict(BLOCK=1024),
-                     flags=dict(HAS_W=True, HAS_B=False, HAS_RES=False, RELU=True, SAVE_MASK=True),
-                     ptrs={a: "*fp32" for a in k._apply_kernel.arg_names if a.endswith("_ptr")},
-                     ints=dict(numel=4800, C=64, C_INNER=1), grid=5, nbytes=10, flops=10)
-    assert v["signature"]["C_INNER"] == "constexpr" and v["constexprs"]["C_INNER"] == 1   # an int 1
-    assert v["signature"]["numel"] == "i32" and {"numel", "C", "z_ptr", "mask_ptr"} <= set(v["aligned"])
-    assert v["constexprs"]["BLOCK"] == 1024 and v["config"] == dict(BLOCK=1024, num_warps=4, num_stages=3)
-    with pytest.raises(KeyError, match="numel"):
-        rep.describe(k._pack_mask_kernel, role="bn_elementwise", epilogue="x", meta=dict(BLOCK=8),
-                     ptrs=dict(y_ptr="*fp32", mask_ptr="*u8"), ints={}, grid=1, nbytes=1, flops=1)
-
-
 def test_resnet50_cases_are_distinct_and_complete():
     shapes = [tuple(c[k] for k in ("cin", "h", "w", "cout", "kh", "kw", "stride", "pad")) for c in rep.RESNET50_CASES]
     assert len(set(shapes)) == len(shapes) == 23 and len({c["name"] for c in rep.RESNET50_CASES}) == 23
-    assert {rep.conv_out_hw(c) for c in rep.RESNET50_CASES} == {(112, 112), (56, 56), (28, 28), (14, 14), (7, 7)}
+    from fastres.kernels.report_variants import case_out_hw
+
+    assert {case_out_hw(c) for c in rep.RESNET50_CASES} == {(112, 112), (56, 56), (28, 28), (14, 14), (7, 7)}
     assert set(rep.SUBSET) <= {c["name"] for c in rep.RESNET50_CASES}
-
-
-def test_batchnorm_variants_fill_the_gpu_at_every_case():
-    """Without compiling: every BatchNorm reduction launch at every ResNet-50 batch-256 case."""
-    from fastres.kernels import batchnorm
-
-    for case in rep.RESNET50_CASES:
-        for v in batchnorm.report_variants(case, "bf16"):
-            if v["role"] in ("bn_reduce", "bn_merge"):
-                assert v["grid"] >= SMS, f"{_where(dict(v, case=case['name'], dtype='bf16'))}: {v['grid']}"
