@@ -13,7 +13,8 @@ partials, merged in a fixed order (no floating-point atomics) on a 2-D grid of (
 block) programs sized to fill the GPU (MERGE_PROGRAMS), the last program of each channel block
 merging the group rows (see batchnorm_kernels.py).
 
-Host functions (same names, argument order and meaning as the CUDA C++ ops fastres::bn_*):
+Host functions (bn_stats, bn_apply and bn_backward have the names, argument order and meaning of the
+CUDA C++ ops fastres::bn_stats / bn_apply / bn_backward):
   bn_finalize(partials, running_mean, running_var, momentum, eps) -> (mean, invstd)
   bn_partials(z)                                                  -> partials (T, 3, C)
   bn_stats(z, running_mean, running_var, momentum, eps)           -> (mean, invstd)
