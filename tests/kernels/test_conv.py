@@ -1,7 +1,7 @@
 """Tests of kernels/conv.py: the Triton implicit-GEMM conv and its epilogues.
 
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1):
-tiny shapes, fp32 and fp16. bf16 and the ResNet-50 shapes run only on a GPU (@pytest.mark.gpu).
+tiny shapes, fp32 and fp16. bf16 and the ResNet-50 shapes run only on a GPU: test_conv_gpu.py.
 Every reference is F.conv2d in float64 on the very inputs the kernel saw; outputs are poisoned.
 """
 import pytest
