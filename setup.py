@@ -6,9 +6,13 @@ torch are present. Environment:
                       PTX is added for the newest plain one, so newer GPUs JIT-load the extension.
   MAX_JOBS            parallel compile jobs (torch's ninja build honours it).
   CUDA_HOME           the CUDA toolkit; when unset, found from nvcc (following a wrapper script).
-Install with --no-build-isolation so the build sees the installed torch.
+Install with --no-build-isolation so the build sees the installed torch. A Python whose setuptools
+cannot build a wheel (older than 70.1 without the `wheel` package, as a system Python may be) is told so
+before anything compiles; `python scripts/build_inplace.py` builds and imports this checkout there
+without pip or `wheel`.
 """
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -24,6 +28,26 @@ if MODE not in ("", "0", "1"):
 
 def say(msg):
     print(f"fastres setup: {msg}", file=sys.stderr)
+
+
+def check_build_tools():
+    """Stop before compiling when this setuptools cannot finish the command pip asked for: a wheel or an
+    editable install needs bdist_wheel (in setuptools itself from 70.1, before that in `wheel`), and the
+    legacy `develop` of setuptools < 80 cannot map fastres.kernels to kernels/."""
+    import setuptools
+
+    version = tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:2])
+    commands = set(sys.argv[1:])
+    wheel_missing = version < (70, 1) and importlib.util.find_spec("wheel") is None
+    if commands & {"bdist_wheel", "editable_wheel", "dist_info"} and wheel_missing:
+        sys.exit(f"fastres setup: setuptools {setuptools.__version__} has no bdist_wheel (setuptools has it "
+                 "from 70.1; older ones take it from the `wheel` package, which is not installed), so pip "
+                 "cannot build or install fastres with this Python. Install `wheel` or setuptools>=70.1, or "
+                 "build in place without either: python scripts/build_inplace.py")
+    if "develop" in commands and version < (80,):
+        sys.exit(f"fastres setup: `setup.py develop` of setuptools {setuptools.__version__} cannot map "
+                 "fastres.kernels to kernels/; use pip install --no-build-isolation -e . (setuptools>=64 "
+                 "with `wheel`, or >=70.1) or python scripts/build_inplace.py")
 
 
 def is_toolkit(path):
@@ -127,6 +151,7 @@ class _Optional:
         return {"build_ext": build_ext}
 
 
+check_build_tools()
 ext_modules, cmdclass = cuda_extension()
 
 setup(

@@ -58,3 +58,22 @@ def test_bad_arch_list_is_named():
     assert r.returncode != 0
     assert ("FASTRES_CUDA_ARCHS must look like '80;90', got 'hopper'" in r.stderr
             or "cannot be built" in r.stderr)  # (no toolkit here: that is said first)
+
+
+def test_old_setuptools_without_wheel_is_named_before_anything_compiles():
+    # setuptools < 70.1 takes bdist_wheel from `wheel`: pip's metadata step (dist_info) needs it
+    code = ("import sys, setuptools; setuptools.__version__ = '68.1.2'; sys.modules['wheel'] = None; "
+            "sys.argv = ['setup.py', 'dist_info']; import runpy; runpy.run_path('setup.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, FASTRES_BUILD_CUDA="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "setuptools 68.1.2 has no bdist_wheel" in r.stderr and "scripts/build_inplace.py" in r.stderr
+    assert "CUDA" not in r.stderr  # said before the extension is even looked at
+
+
+def test_build_inplace_dry_run_imports_this_checkout():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_inplace.py"), "--dry-run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"kernels from {ROOT}/kernels/conv.py" in r.stdout
+    assert r.stdout.splitlines()[-1] == f"python: {sys.executable}"
