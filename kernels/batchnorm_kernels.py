@@ -14,6 +14,8 @@ Reductions run in two steps, both deterministic (fixed merge order, no floating-
 import triton
 import triton.language as tl
 
+from .conv_kernel import loop_bound  # runtime range() bounds under Triton 3.6's interpreter
+
 
 @triton.jit
 def _tile_stats_kernel(
@@ -63,7 +65,7 @@ def _chan_rows(
     acc_n = tl.zeros(cols.shape, tl.float32)
     acc_mean = tl.zeros(cols.shape, tl.float32)
     acc_m2 = tl.zeros(cols.shape, tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
+    for t0 in range(loop_bound(lo), loop_bound(hi), BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         m = (ts < hi)[:, None] & cmask[None, :]
         off = ts.to(tl.int64)[:, None] * 3 * C + cols[None, :]
@@ -95,7 +97,7 @@ def _sum_rows(
     """Sums of rows lo..hi-1 of both halves, BLOCK_T rows at a time, in row order -> (sum g, sum g * xhat)."""
     sg = tl.zeros(cols.shape, tl.float32)
     sgx = tl.zeros(cols.shape, tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
+    for t0 in range(loop_bound(lo), loop_bound(hi), BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         m = (ts < hi)[:, None] & cmask[None, :]
         off = ts.to(tl.int64)[:, None] * 2 * C + cols[None, :]

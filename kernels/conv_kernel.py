@@ -33,7 +33,9 @@ from typing import Dict, List
 import triton
 import triton.language as tl
 
-__all__ = ["_conv_kernel", "GPU_CONFIGS", "BLOCK_M_GPU", "BLOCK_M_INTERPRETER", "prune_configs",
+from . import interpreter_active
+
+__all__ = ["_conv_kernel", "loop_bound", "GPU_CONFIGS", "BLOCK_M_GPU", "BLOCK_M_INTERPRETER", "prune_configs",
            "shared_bytes", "config_fits", "CHANNEL_ALIGN", "MAX_SHARED_SM90"]
 
 # Rows per tile, fixed per platform (not tuned): the host sizes the statistics buffer, T = cdiv(M, BLOCK_M),
@@ -44,6 +46,22 @@ CHANNEL_ALIGN = 16          # CIN_P is a multiple of this: one bf16 wgmma k-step
 MAX_SHARED_SM90 = 232448    # bytes of shared memory one block may use on an H100 / H200
 ACC_REGS_MAX = 64           # fp32 accumulator registers per thread a config may hold (more spills)
 GROUP_M = 8                 # tile swizzle: GROUP_M row tiles share their weight columns in L2
+
+# Triton 3.6's interpreter turns a runtime loop bound into an int with int() of a one-element 1-D array,
+# which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"; Triton 3.8
+# squeezes the array first). loop_bound(x) hands the interpreter a Python int; compiled, INTERPRETED is
+# False, the branch is dropped before code generation and the inlined call is x itself (same PTX).
+INTERPRETED: tl.constexpr = tl.constexpr(interpreter_active())
+
+
+@triton.jit
+def loop_bound(x):
+    """A runtime scalar used as a range() bound (see INTERPRETED)."""
+    if INTERPRETED:
+        if isinstance(x, tl.tensor):  # (returned, not assigned: the interpreter wraps assigned values again)
+            return x.handle.data.item()
+    return x
+
 
 # GPU autotune list (BLOCK_M = 128 fixed). Plausible for Hopper, not measured here: prune_configs
 # removes, per shape, those whose BLOCK_K does not divide CIN_P, whose BLOCK_N is wider than needed,
@@ -179,7 +197,7 @@ def _conv_kernel(
     r = 0        # filter row of this K-step
     s = 0        # filter column
     c0 = 0       # first channel
-    for kk in range(0, KH * KW * (CIN_P // BLOCK_K)):
+    for kk in range(0, loop_bound(KH * KW * (CIN_P // BLOCK_K))):
         a_ptr = x_ptr + (r * DIL_H * sxh + s * DIL_W * sxw + c0)
         if MASK_HW:
             ok = (taps << (TOP - (r * KW + s))) < 0   # bit r * KW + s moved to the sign bit
