@@ -1,56 +1,83 @@
 #!/usr/bin/env bash
 # fastres on a lent GPU machine: build, GPU tests, training parity, benchmarks, summary.
 #
-#   scripts/gpu_check.sh STAGE [STAGE ...]
+#   scripts/gpu_check.sh [--dry-run] STAGE [STAGE ...]
 #
-# Stages (each fits one 10-minute command; run them as separate commands where time is counted):
-#   build         pip install --no-build-isolation --no-deps -e . with FASTRES_BUILD_CUDA=1 (no network needed)
-#   tests         pytest -m "gpu and not slow" over tests/ (kernel and op tests on the GPU)
-#   parity        GPU training parity: pytest tests/test_parity.py -m gpu (ResNet-50 bf16 + fp32 50 steps,
-#                 ResNet-20 200 steps, each available backend); one JSON per run
-#   bench-models  ResNet-50 then ResNet-18: training step and inference (batch 1, 32, 256)
-#   bench-blocks  Bottleneck / BasicBlock, training step and inference
-#   bench-ops     every ResNet-50 conv shape: training forward, forward+backward, inference, BN+add+ReLU
-#   summary       summary.md from everything in the results folder
-#   all           build tests parity bench-models bench-blocks bench-ops summary
-#   quick         build, then a short smoke run of everything (minutes; figures not for the record)
-# Suggested order for a 30-minute budget: "build tests", "parity", "bench-models summary",
-# "bench-ops summary", "bench-blocks summary".
+# Stages, with their time limits in seconds (LIMIT_<stage> overrides one, e.g. LIMIT_tests=300):
+#   build       120  scripts/build_inplace.py: fastres._C compiled once in place for FASTRES_CUDA_ARCHS
+#                    (default 90a), no pip, no `wheel`, no network; a compile error stops it at once
+#   tests       240  pytest -m "gpu and not slow" in 4 shards run side by side (Triton compiles on 4 cores):
+#                    triton backend, cuda backend, the extension's kernels, the rest; one junit XML per shard
+#   bench-r50   150  ResNet-50 at 224 px: training step b256, inference b1 and b256; fastres-triton and
+#                    fastres-cuda against eager and torch.compile (FASTRES_BENCH_PROVIDERS)
+#   parity      120  GPU training parity: pytest tests/test_parity.py -m gpu; one JSON per run
+#   bench-r18    75  ResNet-18, the same rows
+#   summary      15  summary.md from everything in the results folder, and the Triton cache's hits
+#   first            build tests bench-r50 parity bench-r18 summary: the first run, 720 s of limits in all
+#                    (12 minutes), the most informative first
+# Longer runs, after the first:
+#   bench-models 540 every model row (ResNet-50 and -18, batch 1 / 32 / 256, every provider)
+#   bench-blocks 540 Bottleneck / BasicBlock, training step and inference
+#   bench-ops    540 every ResNet-50 conv shape: training forward, forward+backward, inference, BN+add+ReLU
+#   all              build tests parity bench-models bench-blocks bench-ops summary
 #
-# Every benchmark row times fastres and its baseline (eager, compile) alternately in one test and records
-# both medians and their ratio (fastres/bench_timing.py).
-# Results go to benchmarks/results/<date>-<gpu>/ (RESULTS_DIR overrides): raw pytest-benchmark JSON,
-# parity JSON, one log per stage, summary.md. When $OUT is set (the device runner's output folder)
-# the results folder is copied there after every stage.
-# Time limits per stage, in seconds: STAGE_TIMEOUT (default 540). Python: PYTHON (default python3).
+# --dry-run: every stage's commands run, the GPU-only steps skipped: the build without compiling
+# (build_inplace.py --dry-run), each pytest selection collected (--collect-only; the test shards must be
+# non-empty and together the whole GPU selection), the summary made; results go to a temporary folder.
+# CI runs it (.ci/run), so a typo fails there and not on the GPU.
+#
+# A warm Triton cache (scripts/triton_cache.py build) found at TRITON_WARM_CACHE (default
+# build/triton-cache-sm90) is copied into the run's cache first; the summary says how many compiles it
+# saved. Results go to benchmarks/results/<date>-<gpu>/ (RESULTS_DIR overrides): pytest-benchmark JSON,
+# parity JSON, one log per stage, summary.md; when $OUT is set (the device runner's output folder) the
+# results folder is copied there after every stage. Python: PYTHON (default python3); after the build,
+# the interpreter build_inplace.py names (kept in build/gpu-python for later commands).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PY=${PYTHON:-python3}
-LIMIT=${STAGE_TIMEOUT:-540}
+[ -z "${PYTHON:-}" ] && [ -x "$(cat build/gpu-python 2>/dev/null)" ] && PY=$(cat build/gpu-python)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-' | sed 's/-$//')
-RESULTS=${RESULTS_DIR:-benchmarks/results/$(date -u +%Y-%m-%d)-${GPU:-nogpu}}
+if [ "$DRY" = 1 ]; then
+    RESULTS=${RESULTS_DIR:-$(mktemp -d)/dry-run}
+else
+    RESULTS=${RESULTS_DIR:-benchmarks/results/$(date -u +%Y-%m-%d)-${GPU:-nogpu}}
+fi
 mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
 STATUS=0
+SHARDS=(triton cuda ext rest)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+WARM=${TRITON_WARM_CACHE:-build/triton-cache-sm90}
+# every cache lookup and compile, one line each (scripts/triton_cache.py's logging cache manager)
+export TRITON_CACHE_LOG="$RESULTS/triton-cache.log" PYTHONPATH="$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_MANAGER=triton_cache:LoggingFileCacheManager
+export FASTRES_BENCH_PROVIDERS=${FASTRES_BENCH_PROVIDERS:-fastres-triton,fastres-cuda,eager,compile}
 
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
 
 publish() {
-    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    if [ "$DRY" = 0 ] && [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
         mkdir -p "$OUT/results" && cp -r "$RESULTS" "$OUT/results/"
     fi
 }
 
-# run NAME CMD...: CMD under the stage time limit, output to the terminal and $RESULTS/NAME.log
+limit() { local v="LIMIT_${1//-/_}"; echo "${!v:-$2}"; }
+
+# run NAME LIMIT CMD...: CMD under LIMIT seconds, output to the terminal and $RESULTS/NAME.log
 run() {
-    local name=$1; shift
-    say "$name: $*"
-    timeout --signal=INT --kill-after=20 "$LIMIT" "$@" 2>&1 | tee "$RESULTS/$name.log"
+    local name=$1 lim=$2; shift 2
+    say "$name (limit ${lim}s): $*"
+    local t0; t0=$(date +%s)
+    timeout --signal=INT --kill-after=20 "$lim" "$@" 2>&1 | tee "$RESULTS/$name.log"
     local rc=${PIPESTATUS[0]}
-    echo "exit status $rc" >> "$RESULTS/$name.log"
-    [ "$rc" -eq 124 ] && say "$name: stopped at the ${LIMIT}s limit"
+    echo "exit status $rc after $(( $(date +%s) - t0 ))s" >> "$RESULTS/$name.log"
+    [ "$rc" -eq 124 ] && say "$name: stopped at the ${lim}s limit"
     [ "$rc" -ne 0 ] && STATUS=1
-    say "$name: exit status $rc"
+    say "$name: exit status $rc after $(( $(date +%s) - t0 ))s"
     publish
     return 0
 }
@@ -62,54 +89,120 @@ env_info() {
         $PY -c "import triton; print('triton', triton.__version__)" 2>&1
         $PY -c "import fastres.backend as b; [print(n, b.available(n)) for n in ('triton', 'cuda')]" 2>&1
         $PY -m fastres.bench.environment 2>&1  # the description every benchmark / parity JSON carries
+        for tool in ncu compute-sanitizer; do echo "$tool: $(command -v $tool || echo 'not on PATH')"; done
         git rev-parse HEAD 2>/dev/null
     } > "$RESULTS/environment.txt"
 }
 
 build() {
-    # --no-deps: no network; torch, triton, pytest are already installed there.
-    # A system Python may refuse a plain install (PEP 668): then --user, then --break-system-packages.
-    local pip="FASTRES_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e ."
-    if [ -n "$(ls csrc/*.cu csrc/*.cpp 2>/dev/null)" ]; then
-        run build bash -c "$pip || $pip --user || $pip --break-system-packages"
-    else
-        say "build: csrc/ has no sources; installing without the extension"
-        run build bash -c "FASTRES_BUILD_CUDA=0 $PY -m pip install --no-build-isolation --no-deps -e ."
+    local args=() arch=${FASTRES_CUDA_ARCHS:-90a}
+    [ "$DRY" = 1 ] && args=(--dry-run)
+    run build "$(limit build 120)" env FASTRES_BUILD_CUDA=1 FASTRES_CUDA_ARCHS="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
+        "$PY" scripts/build_inplace.py "${args[@]}"
+    local py; py=$(sed -n 's/^python: //p' "$RESULTS/build.log" | tail -1)
+    if [ "$DRY" = 0 ] && [ -n "$py" ]; then PY=$py; mkdir -p build && echo "$PY" > build/gpu-python; fi
+    say "build: python is $PY"
+    if [ "$DRY" = 0 ] && [ -d "$WARM" ]; then
+        mkdir -p "$TRITON_CACHE_DIR" && cp -r "$WARM"/. "$TRITON_CACHE_DIR"/
+        say "build: warm Triton cache $WARM ($(ls "$WARM" | wc -l) entries) copied into $TRITON_CACHE_DIR"
     fi
     env_info
 }
 
-pytest_bench() {  # pytest_bench NAME FILE ONLY
-    local name=$1 file=$2 only=${3:-}
-    FASTRES_BENCH_ONLY="$only" run "$name" $PY -m pytest "$file" --benchmark-only -q -p no:cacheprovider \
-        --benchmark-json "$RESULTS/$name.json" --benchmark-columns=median,iqr,rounds,iterations
-}
-
-stage() {
+shard() {  # shard NAME: SHARD=(the pytest arguments of that test shard); together they are the GPU selection
     case "$1" in
-        build) build ;;
-        tests) run tests $PY -m pytest tests -m "gpu and not slow" -q -p no:cacheprovider --junitxml "$RESULTS/tests.xml" ;;
-        parity) FASTRES_PARITY_DIR="$RESULTS" run parity $PY -m pytest tests/test_parity.py -m gpu -q -p no:cacheprovider ;;
-        bench-models)
-            pytest_bench bench-models-resnet50 benchmarks/test_models.py resnet50
-            pytest_bench bench-models-resnet18 benchmarks/test_models.py resnet18 ;;
-        bench-blocks) pytest_bench bench-blocks benchmarks/test_blocks.py ;;
-        bench-ops)
-            pytest_bench bench-ops-train_fwd benchmarks/test_ops.py "train_fwd "
-            pytest_bench bench-ops-train_fwdbwd benchmarks/test_ops.py "train_fwdbwd "
-            pytest_bench bench-ops-infer benchmarks/test_ops.py "infer ,bn_act " ;;
-        summary) $PY benchmarks/summarize.py "$RESULTS" > /dev/null && say "wrote $RESULTS/summary.md"; publish ;;
-        all) for s in build tests parity bench-models bench-blocks bench-ops summary; do stage "$s"; done ;;
-        quick)
-            stage build
-            FASTRES_BENCH_QUICK=1 FASTRES_BENCH_COMPILE=some pytest_bench bench-quick benchmarks/ ""
-            run bench-cli $PY -m fastres.bench --quick --json "$RESULTS/bench-cli-quick.json"
-            stage summary ;;
-        *) echo "unknown stage '$1' (build tests parity bench-models bench-blocks bench-ops summary all quick)" >&2; exit 2 ;;
+        triton) SHARD=(tests/backends/test_fused_backends.py -k triton) ;;
+        cuda) SHARD=(tests/backends/test_fused_backends.py -k "not triton") ;;
+        ext) SHARD=(tests/csrc) ;;
+        rest) SHARD=(tests --ignore=tests/backends/test_fused_backends.py --ignore=tests/csrc) ;;
     esac
 }
 
-[ $# -eq 0 ] && { sed -n '2,26p' "$0"; exit 2; }
-say "results in $RESULTS"
+collected() { grep -oE '^[0-9]+(/[0-9]+)? tests? collected' "$RESULTS/$1.log" | grep -oE '^[0-9]+' || echo 0; }
+
+tests_stage() {
+    local sel=(-m "gpu and not slow" -q -p no:cacheprovider) s
+    if [ "$DRY" = 1 ]; then
+        # collected as the GPU would (the triton backend marked gpu too); nothing runs
+        export FASTRES_COLLECT_AS_GPU=1
+        run tests-all 60 "$PY" -m pytest tests "${sel[@]}" --collect-only
+        local total sum=0 n
+        total=$(collected tests-all)
+        for s in "${SHARDS[@]}"; do
+            shard "$s"
+            run "tests-$s" 60 "$PY" -m pytest "${SHARD[@]}" "${sel[@]}" --collect-only
+            n=$(collected "tests-$s")
+            [ "$n" -gt 0 ] || { say "tests-$s: selects no test"; STATUS=1; }
+            sum=$(( sum + n ))
+        done
+        unset FASTRES_COLLECT_AS_GPU
+        [ "$sum" = "$total" ] || { say "tests: the shards select $sum tests, the GPU selection $total"; STATUS=1; }
+        say "tests: $sum tests in ${#SHARDS[@]} shards (dry run)"
+        return 0
+    fi
+    local lim; lim=$(limit tests 240)
+    for s in "${SHARDS[@]}"; do  # side by side: Triton compiles on one core per process
+        shard "$s"
+        run "tests-$s" "$lim" "$PY" -m pytest "${SHARD[@]}" "${sel[@]}" --junitxml "$RESULTS/tests-$s.xml" > /dev/null &
+    done
+    wait
+    for s in "${SHARDS[@]}"; do
+        say "tests-$s: $(grep -hE '[0-9]+ (passed|failed|skipped|deselected|error)' "$RESULTS/tests-$s.log" | tail -1) ($(tail -1 "$RESULTS/tests-$s.log"))"
+        tail -1 "$RESULTS/tests-$s.log" | grep -q "^exit status 0 " || STATUS=1
+    done
+    publish
+}
+
+pytest_bench() {  # pytest_bench NAME LIMIT FILE ONLY
+    local name=$1 lim=$2 file=$3 only=${4:-}
+    if [ "$DRY" = 1 ]; then
+        FASTRES_BENCH_DEVICE=cuda FASTRES_BENCH_ONLY="$only" run "$name" 60 "$PY" -m pytest "$file" --collect-only -q \
+            -p no:cacheprovider
+        grep -qE '^[0-9]+ tests? collected' "$RESULTS/$name.log" || { say "$name: selects no row"; STATUS=1; }
+        return 0
+    fi
+    FASTRES_BENCH_ONLY="$only" run "$name" "$lim" "$PY" -m pytest "$file" --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json "$RESULTS/$name.json" --benchmark-columns=median,iqr,rounds,iterations
+}
+
+parity() {
+    local extra=()
+    [ "$DRY" = 1 ] && extra=(--collect-only)
+    FASTRES_PARITY_DIR="$RESULTS" run parity "$(limit parity 120)" "$PY" -m pytest tests/test_parity.py -m gpu -q \
+        -p no:cacheprovider "${extra[@]}"
+}
+
+summary() {
+    run summary "$(limit summary 15)" "$PY" benchmarks/summarize.py "$RESULTS"
+    run triton-cache "$(limit summary 15)" "$PY" scripts/triton_cache.py stats --log "$TRITON_CACHE_LOG" --warm "$WARM"
+}
+
+MODELS="resnet50 train,resnet50 infer b1 ,resnet50 infer b256"
+stage() {
+    case "$1" in
+        build) build ;;
+        tests) tests_stage ;;
+        parity) parity ;;
+        bench-r50) pytest_bench bench-r50 "$(limit bench-r50 150)" benchmarks/test_models.py "$MODELS" ;;
+        bench-r18) pytest_bench bench-r18 "$(limit bench-r18 75)" benchmarks/test_models.py "${MODELS//resnet50/resnet18}" ;;
+        bench-models)
+            FASTRES_BENCH_PROVIDERS= pytest_bench bench-models-resnet50 "$(limit bench-models 540)" benchmarks/test_models.py resnet50
+            FASTRES_BENCH_PROVIDERS= pytest_bench bench-models-resnet18 "$(limit bench-models 540)" benchmarks/test_models.py resnet18 ;;
+        bench-blocks) pytest_bench bench-blocks "$(limit bench-blocks 540)" benchmarks/test_blocks.py ;;
+        bench-ops)
+            pytest_bench bench-ops-train_fwd "$(limit bench-ops 540)" benchmarks/test_ops.py "train_fwd "
+            pytest_bench bench-ops-train_fwdbwd "$(limit bench-ops 540)" benchmarks/test_ops.py "train_fwdbwd "
+            pytest_bench bench-ops-infer "$(limit bench-ops 540)" benchmarks/test_ops.py "infer ,bn_act " ;;
+        summary) summary ;;
+        first) for s in build tests bench-r50 parity bench-r18 summary; do stage "$s"; done ;;
+        all) for s in build tests parity bench-models bench-blocks bench-ops summary; do stage "$s"; done ;;
+        *) echo "unknown stage '$1' (build tests bench-r50 parity bench-r18 summary first bench-models bench-blocks" \
+                "bench-ops all)" >&2; exit 2 ;;
+    esac
+}
+
+[ $# -eq 0 ] && { sed -n '2,35p' "$0"; exit 2; }
+say "results in $RESULTS$([ "$DRY" = 1 ] && echo ' (dry run: GPU-only steps skipped)')"
 for s in "$@"; do stage "$s"; done
+say "done, exit status $STATUS"
 exit $STATUS

@@ -1,12 +1,16 @@
 """The fused backends the tests under tests/backends/ run on, with the skip each one needs.
 
 * triton: CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py on a
-  machine without a GPU: tiny shapes, fp32 and fp16 only, the interpreter has no bf16), or a GPU.
+  machine without a GPU: tiny shapes, fp32 and fp16 only, the interpreter has no bf16), or a GPU, where
+  it is marked ``gpu`` too, so that scripts/gpu_check.sh's ``-m gpu`` selection runs it compiled
+  (FASTRES_COLLECT_AS_GPU=1 marks it so without a GPU: that script's --dry-run collects the GPU selection).
 * cuda: fastres._C built and a GPU (marked ``gpu``: tests/conftest.py skips it, with the reason,
   without one).
 
 DEVICE is where the tests put their tensors: the GPU when there is one, else the CPU.
 """
+import os
+
 import pytest
 import torch
 
@@ -16,6 +20,7 @@ from fastres.kernels import interpreter_active
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 EXT_BUILT, EXT_WHY = _ext.status()
+_AS_GPU = HAS_CUDA or os.environ.get("FASTRES_COLLECT_AS_GPU") == "1"
 
 _TRITON_SKIP = pytest.mark.skipif(
     not HAS_CUDA and not interpreter_active(),
@@ -24,7 +29,7 @@ _EXT_SKIP = pytest.mark.skipif(not EXT_BUILT, reason=f"fastres._C is not built: 
 
 # Backends that run kernels here.
 BACKENDS = [
-    pytest.param("triton", marks=_TRITON_SKIP),
+    pytest.param("triton", marks=[_TRITON_SKIP, *([pytest.mark.gpu] if _AS_GPU else [])]),
     pytest.param("cuda", marks=[pytest.mark.gpu, _EXT_SKIP]),
 ]
 
