@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compile every Triton kernel of fastres.kernels with Triton 3.6 (the GPU machines' version), for sm_80
-# and sm_90a, with no GPU: the report tool (python -m fastres.kernels.report) run in a second venv.
+# and sm_90a, with no GPU: the report tool (python -m fastres.kernels.report) run in a second venv; with
+# TESTS=1, also run the kernel and backend tests in that venv, through Triton 3.6's interpreter.
 #
 #   scripts/check_triton36.sh [OUT_DIR]      (default OUT_DIR: .venv-triton36/report)
+#   TESTS=1 COMPILE=0 scripts/check_triton36.sh    only the tests
 #
 # The venv (.venv-triton36/, git-ignored) is made once: torch==2.13.0 triton==3.6.0 numpy pytest, from
 # the wheels pip finds on this machine. fastres.kernels is imported from kernels/ through a small
@@ -11,7 +13,11 @@
 #   PYTHON=python3.11   interpreter the venv is made from
 #   FULL=1              every ResNet-50 case (default: the report's --subset, which covers every kernel)
 #   DTYPES=bf16,fp16,fp32
-# Exit status: non-zero when any kernel fails to compile (or the venv cannot be made).
+#   COMPILE=0           skip the compile check;  TESTS=1  pytest tests/kernels tests/backends in the venv, the
+#                       whole fastres imported from this checkout by scripts/build_inplace.py (no extension).
+# The torch there is 2.13.0 (CPU), the nearest to the GPU machines' 2.11.0 that this machine's wheels offer
+# for a CPU run; numpy is the newest pip finds (>= 2.4: what broke Triton 3.6's interpreter once).
+# Exit status: non-zero when any kernel fails to compile, a test fails (or the venv cannot be made).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv-triton36"
@@ -39,7 +45,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
 status=0
-for arch in 80 90; do
+[ "${COMPILE:-1}" = "0" ] || for arch in 80 90; do
     log="$OUT/sm_$arch.txt"
     # run from the package root: from the repository, ./fastres (without kernels/) would come first
     if (cd "$PKG" && TRITON_INTERPRET=0 TRITON_CACHE_DIR="$VENV/triton-cache" PYTHONPATH="$PKG" \
@@ -53,5 +59,23 @@ for arch in 80 90; do
         grep -h "^FAILED\|Error\|error" "$log.err" | tail -n 20 >&2 || tail -n 20 "$log.err" >&2
     fi
 done
+if [ "${TESTS:-0}" = "1" ]; then
+    # A copy of the sources (tracked and new files, no build outputs: this checkout's fastres/_C*.so is
+    # built for another torch), imported by the venv through a .pth and a finder, no extension built.
+    SRC="$VENV/src"
+    rm -rf "$SRC" && mkdir -p "$SRC"
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
+        | tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -xf - -C "$SRC"
+    FASTRES_BUILD_CUDA=0 "$VENV/bin/python" "$SRC/scripts/build_inplace.py" > "$OUT/build_inplace.log" 2>&1 \
+        || { echo "check_triton36: build_inplace failed; see $OUT/build_inplace.log" >&2; exit 1; }
+    t1=$(date +%s)
+    if (cd "$SRC" && "$VENV/bin/python" -m pytest tests/kernels tests/backends -q -p no:cacheprovider); then
+        echo "check_triton36: tests passed under $("$VENV/bin/python" -c 'import numpy, torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__)') in $(( $(date +%s) - t1 )) s"
+    else
+        status=1
+        echo "check_triton36: tests FAILED under Triton 3.6 (interpreter)" >&2
+    fi
+fi
 echo "check_triton36: $(( $(date +%s) - t0 )) s, exit $status"
 exit $status
