@@ -12,7 +12,7 @@
 #                    fastres-cuda against eager and torch.compile (FASTRES_BENCH_PROVIDERS)
 #   parity      120  GPU training parity: pytest tests/test_parity.py -m gpu; one JSON per run
 #   bench-r18    75  ResNet-18, the same rows
-#   summary      15  summary.md from everything in the results folder, and the Triton cache's hits
+#   summary      15  summary.md from everything in the results folder (10), the Triton cache's hits (5)
 #   first            build tests bench-r50 parity bench-r18 summary: the first run, 720 s of limits in all
 #                    (12 minutes), the most informative first
 # Longer runs, after the first:
@@ -173,8 +173,8 @@ parity() {
 }
 
 summary() {
-    run summary "$(limit summary 15)" "$PY" benchmarks/summarize.py "$RESULTS"
-    run triton-cache "$(limit summary 15)" "$PY" scripts/triton_cache.py stats --log "$TRITON_CACHE_LOG" --warm "$WARM"
+    run summary "$(limit summary 10)" "$PY" benchmarks/summarize.py "$RESULTS"
+    run triton-cache 5 "$PY" scripts/triton_cache.py stats --log "$TRITON_CACHE_LOG" --warm "$WARM"
 }
 
 MODELS="resnet50 train,resnet50 infer b1 ,resnet50 infer b256"
