@@ -29,6 +29,7 @@ after a conv of a given shape, from the launch plans below.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -89,70 +90,164 @@ def _flat_plan(numel: int):
     return (cdiv(numel, FLAT_BLOCK),), dict(BLOCK=FLAT_BLOCK)
 
 
-def _merge_workspace(t: int, c: int, width: int, dev):
-    """(grid, meta, chunk, ws, counter) of a merge launch: ws fp32 (G, width, C), counter int32 zeros."""
-    grid, meta, chunk = _merge_plan(t, c)
-    ws = empty((grid[0], width, c), dtype=torch.float32, device=dev)
-    return grid, meta, chunk, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev)
+# ---- argument checks, from metadata -------------------------------------------------------------
+# Every host function checks its arguments and plans its launches from the tensors' metadata alone
+# (shape, strides, dtype, device: never their values), so the plan is remembered per metadata key
+# (functools.lru_cache: sound, as every input of the plan is in the key, the block sizes above too);
+# a bad call raises and, raising, is not remembered.
+
+_ORDER = {torch.contiguous_format: (3, 2, 1, 0), torch.channels_last: (1, 3, 2, 0)}   # innermost dim first
 
 
-# ---- argument checks ----------------------------------------------------------------------------
-
-def _fmt(t: Tensor) -> torch.memory_format:
-    """The dense layout of a 4-D tensor (contiguous wins when both hold: then they coincide)."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    raise ValueError(f"fastres batchnorm: expected a dense NHWC (channels_last) or NCHW (contiguous) tensor, "
-                     f"got shape {tuple(t.shape)} with strides {t.stride()}")
-
-
-def _geometry(t: Tensor):
-    """(M, C, HW, (s_n, s_hw, s_c), C_INNER) of a dense 4-D tensor."""
-    n, c, h, w = t.shape
-    hw = h * w
-    if _fmt(t) == torch.channels_last:
-        return n * hw, c, hw, (hw * c, c, 1), 1
-    return n * hw, c, hw, (c * hw, 1, hw), hw
-
-
-def _check_data(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor) or t.dim() != 4:
-        got = f"{t.dim()}-D tensor" if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"fastres batchnorm: expected {name} as a 4-D (N, C, H, W) tensor, got {got}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"fastres batchnorm: expected {name} of dtype float32, float16 or bfloat16, got {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"fastres batchnorm: expected a non-empty {name}, got shape {tuple(t.shape)}")
-
-
-def _check_vec(name: str, t: Optional[Tensor], c: int, device, fp32: bool = False) -> None:
+def _m(t):
+    """The plan-key metadata of a tensor argument: (shape, strides, dtype, device); None for None."""
     if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        return ("not a tensor", type(t).__name__)
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _blocks():
+    return FLAT_BLOCK, TILE_ELEMS, MAX_BLOCK_C, BLOCK_T, MERGE_PROGRAMS
+
+
+def _dense_in(meta, fmt) -> bool:
+    """Whether a 4-D tensor is dense in `fmt`, as torch's is_contiguous(memory_format=fmt) decides it
+    (dimensions of size 1 have any stride)."""
+    shape, strides = meta[0], meta[1]
+    expected = 1
+    for d in _ORDER[fmt]:
+        if shape[d] != 1 and strides[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
+def _fmt(meta) -> torch.memory_format:
+    """The dense layout of a 4-D tensor (contiguous wins when both hold: then they coincide)."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        if _dense_in(meta, fmt):
+            return fmt
+    raise ValueError(f"fastres batchnorm: expected a dense NHWC (channels_last) or NCHW (contiguous) tensor, "
+                     f"got shape {tuple(meta[0])} with strides {meta[1]}")
+
+
+def _geometry(meta):
+    """(M, C, HW, (s_n, s_hw, s_c), C_INNER, format) of a dense 4-D tensor."""
+    n, c, h, w = meta[0]
+    hw = h * w
+    fmt = _fmt(meta)
+    if fmt == torch.channels_last:
+        return n * hw, c, hw, (hw * c, c, 1), 1, fmt
+    return n * hw, c, hw, (c * hw, 1, hw), hw, fmt
+
+
+def _check_data(name: str, meta) -> None:
+    if meta is None or meta[0] == "not a tensor" or len(meta[0]) != 4:
+        got = ("None" if meta is None else meta[1] if meta[0] == "not a tensor" else f"{len(meta[0])}-D tensor")
+        raise ValueError(f"fastres batchnorm: expected {name} as a 4-D (N, C, H, W) tensor, got {got}")
+    if meta[2] not in _DTYPES:
+        raise TypeError(f"fastres batchnorm: expected {name} of dtype float32, float16 or bfloat16, got {meta[2]}")
+    if meta[0].numel() == 0:
+        raise ValueError(f"fastres batchnorm: expected a non-empty {name}, got shape {tuple(meta[0])}")
+    _fmt(meta)
+
+
+def _check_vec(name: str, meta, c: int, device, fp32: bool = False) -> None:
+    if meta is None:
         return
-    if tuple(t.shape) != (c,) or not t.is_contiguous():
+    if meta[0] == "not a tensor":
+        raise TypeError(f"fastres batchnorm: expected {name} as a tensor, got {meta[1]}")
+    shape, strides, dtype, dev = meta
+    if tuple(shape) != (c,) or (c > 1 and strides[0] != 1):
         raise ValueError(f"fastres batchnorm: expected {name} as a contiguous ({c},) tensor, got shape "
-                         f"{tuple(t.shape)} strides {t.stride()}")
-    if t.device != device:
-        raise RuntimeError(f"fastres batchnorm: expected {name} on {device}, got {t.device}")
-    if fp32 and t.dtype != torch.float32:
-        raise TypeError(f"fastres batchnorm: expected {name} of dtype float32, got {t.dtype}")
-    if not t.is_floating_point():
-        raise TypeError(f"fastres batchnorm: expected a floating-point {name}, got {t.dtype}")
+                         f"{tuple(shape)} strides {strides}")
+    if dev != device:
+        raise RuntimeError(f"fastres batchnorm: expected {name} on {device}, got {dev}")
+    if fp32 and dtype != torch.float32:
+        raise TypeError(f"fastres batchnorm: expected {name} of dtype float32, got {dtype}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"fastres batchnorm: expected a floating-point {name}, got {dtype}")
 
 
-def _like(t: Tensor, name: str, ref: Tensor) -> Tensor:
-    """`t` in ref's shape, dtype, device and dense layout (a copy only when its layout differs)."""
-    if tuple(t.shape) != tuple(ref.shape):
-        raise ValueError(f"fastres batchnorm: expected {name} of shape {tuple(ref.shape)}, got {tuple(t.shape)}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"fastres batchnorm: expected {name} of dtype {ref.dtype} (z's), got {t.dtype}")
-    if t.device != ref.device:
-        raise RuntimeError(f"fastres batchnorm: expected {name} on {ref.device}, got {t.device}")
-    fmt = _fmt(ref)
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+def _check_like(name: str, meta, ref, fmt) -> bool:
+    """Check that `meta` matches ref's shape, dtype and device; True when it must be copied into fmt."""
+    if meta is None or meta[0] == "not a tensor" or tuple(meta[0]) != tuple(ref[0]):
+        got = "None" if meta is None else meta[1] if meta[0] == "not a tensor" else tuple(meta[0])
+        raise ValueError(f"fastres batchnorm: expected {name} of shape {tuple(ref[0])}, got {got}")
+    if meta[2] != ref[2]:
+        raise TypeError(f"fastres batchnorm: expected {name} of dtype {ref[2]} (z's), got {meta[2]}")
+    if meta[3] != ref[3]:
+        raise RuntimeError(f"fastres batchnorm: expected {name} on {ref[3]}, got {meta[3]}")
+    return not _dense_in(meta, fmt)
 
 
+def _in(t: Tensor, fmt, copy: bool) -> Tensor:
+    return t.contiguous(memory_format=fmt) if copy else t
+
+
+# ---- plans (remembered per metadata key) ---------------------------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def _finalize_plan(part, rmean, rvar, blocks):
+    shape = part[0] if part is not None and part[0] != "not a tensor" else ()
+    if len(shape) != 3 or shape[1] != 3 or part[2] != torch.float32 or shape[0] == 0:
+        got = f"{part[2]} {tuple(shape)}" if shape else "no tensor"
+        raise ValueError(f"bn_finalize: expected fp32 partials of shape (T, 3, C) with T >= 1, got {got}")
+    t, _, c = shape
+    dev = part[3]
+    if (rmean is None) != (rvar is None):
+        raise ValueError("bn_finalize: running_mean and running_var must be given together")
+    _check_vec("running_mean", rmean, c, dev)
+    _check_vec("running_var", rvar, c, dev)
+    dense = part[1] == (3 * c, c, 1) or t * c == 0
+    return t, c, dense, _merge_plan(t, c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _partials_plan(z, blocks):
+    _check_data("z", z)
+    m, c, hw, strides, _, _ = _geometry(z)
+    return m, c, hw, strides, _reduce_plan(m, c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _apply_plan(z, mean, invstd, weight, bias, residual, blocks):
+    _check_data("z", z)
+    c, dev = z[0][1], z[3]
+    for name, v in (("mean", mean), ("invstd", invstd)):
+        if v is None:
+            raise ValueError(f"bn_apply: expected {name} as a float32 ({c},) tensor, got None")
+        _check_vec(name, v, c, dev, fp32=True)
+    _check_vec("weight", weight, c, dev)
+    _check_vec("bias", bias, c, dev)
+    _, _, _, _, c_inner, fmt = _geometry(z)
+    copy_res = residual is not None and _check_like("residual", residual, z, fmt)
+    numel = z[0].numel()
+    return fmt, c, c_inner, numel, copy_res, _flat_plan(numel)
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_plan(grad_y, z, mask, mean, invstd, weight, relu: bool, blocks):
+    _check_data("z", z)
+    m, c, hw, strides, c_inner, fmt = _geometry(z)
+    copy_g = _check_like("grad_y", grad_y, z, fmt)
+    dev = z[3]
+    for name, v in (("mean", mean), ("invstd", invstd)):
+        _check_vec(name, v, c, dev, fp32=True)
+    _check_vec("weight", weight, c, dev)
+    numel = z[0].numel()
+    if relu:
+        nbytes = (numel + 7) // 8
+        if mask is None or mask[0] == "not a tensor" or mask[2] != torch.uint8 or len(mask[0]) != 1 \
+                or mask[0][0] != nbytes:
+            got = "None" if mask is None else f"{mask[2]} {tuple(mask[0])}"
+            raise ValueError(f"bn_backward: relu needs the packed mask, a uint8 ({nbytes},) tensor; got {got}")
+        if mask[3] != dev:
+            raise RuntimeError(f"bn_backward: expected mask on {dev}, got {mask[3]}")
+    tile = _reduce_plan(m, c)
+    return (m, c, hw, strides, c_inner, fmt, numel, copy_g, tile, _merge_plan(tile[0][0], c), _flat_plan(numel))
 
 
 # ---- host functions -----------------------------------------------------------------------------
@@ -162,23 +257,17 @@ def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: O
     """Merge per-tile [count, mean, M2] partials (fp32 (T, 3, C)) into fp32 (mean, invstd), invstd =
     1/sqrt(biased var + eps); when running stats are given, update them in place as nn.BatchNorm2d does:
     r_mean = (1-m) r_mean + m mean, r_var = (1-m) r_var + m var n/(n-1), m = `momentum` (the effective factor)."""
-    if partials.dim() != 3 or partials.shape[1] != 3 or partials.dtype != torch.float32 or partials.shape[0] == 0:
-        raise ValueError(f"bn_finalize: expected fp32 partials of shape (T, 3, C) with T >= 1, got "
-                         f"{partials.dtype} {tuple(partials.shape)}")
-    partials = partials.contiguous()
-    t, _, c = partials.shape
+    t, c, dense, (grid, meta, chunk) = _finalize_plan(_m(partials), _m(running_mean), _m(running_var),
+                                                      _blocks())
+    partials = partials if dense else partials.contiguous()
     dev = partials.device
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("bn_finalize: running_mean and running_var must be given together")
-    _check_vec("running_mean", running_mean, c, dev)
-    _check_vec("running_var", running_var, c, dev)
     has_running = running_mean is not None
     with _on_device(partials):
         mean = empty((c,), dtype=torch.float32, device=dev)
         invstd = empty((c,), dtype=torch.float32, device=dev)
-        grid, meta, chunk, ws, counter = _merge_workspace(t, c, 3, dev)
+        ws = empty((grid[0], 3, c), dtype=torch.float32, device=dev)
         _finalize_kernel[grid](
-            partials, ws, counter, mean, invstd,
+            partials, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev), mean, invstd,
             running_mean if has_running else mean, running_var if has_running else invstd,
             t, c, grid[0], chunk, float(momentum), float(eps),
             HAS_RUNNING=has_running, **meta, **_LAUNCH)
@@ -187,9 +276,7 @@ def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: O
 
 def bn_partials(z: Tensor) -> Tensor:
     """fp32 (T, 3, C) per-row-tile [count, mean, M2] of a dense NHWC/NCHW tensor."""
-    _check_data("z", z)
-    m, c, hw, (s_n, s_hw, s_c), _ = _geometry(z)
-    grid, meta = _reduce_plan(m, c)
+    m, c, hw, (s_n, s_hw, s_c), (grid, meta) = _partials_plan(_m(z), _blocks())
     with _on_device(z):
         part = empty((grid[0], 3, c), dtype=torch.float32, device=z.device)
         _tile_stats_kernel[grid](z, part, m, c, hw, s_n, s_hw, s_c, **meta, **_LAUNCH)
@@ -207,23 +294,14 @@ def bn_apply(z: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], 
     """y = act(z * scale + shift (+ residual)) in z's dtype and layout, scale = weight * invstd,
     shift = bias - mean * scale (weight / bias None: 1 / 0). mask: packed y > 0 bits when relu and
     save_mask, else an empty uint8 tensor."""
-    _check_data("z", z)
-    _fmt(z)
-    c, dev = z.shape[1], z.device
-    for name, v in (("mean", mean), ("invstd", invstd)):
-        if v is None:
-            raise ValueError(f"bn_apply: expected {name} as a float32 ({c},) tensor, got None")
-        _check_vec(name, v, c, dev, fp32=True)
-    _check_vec("weight", weight, c, dev)
-    _check_vec("bias", bias, c, dev)
+    fmt, c, c_inner, numel, copy_res, (grid, meta) = _apply_plan(
+        _m(z), _m(mean), _m(invstd), _m(weight), _m(bias), _m(residual), _blocks())
     if residual is not None:
-        residual = _like(residual, "residual", z)
-    _, _, _, _, c_inner = _geometry(z)
-    numel = z.numel()
+        residual = _in(residual, fmt, copy_res)
     save = bool(relu and save_mask)
-    grid, meta = _flat_plan(numel)
+    dev = z.device
     with _on_device(z):
-        y = empty(z.shape, dtype=z.dtype, device=dev, memory_format=_fmt(z))
+        y = empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
         mask = empty(((numel + 7) // 8 if save else 0,), dtype=torch.uint8, device=dev)
         _apply_kernel[grid](
             z, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
@@ -236,8 +314,8 @@ def bn_apply(z: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], 
 
 def pack_mask(y: Tensor) -> Tensor:
     """The packed y > 0 bits of a dense tensor, in its memory order (pack_relu_mask's layout)."""
-    _check_data("y", y)
-    _fmt(y)
+    m = _m(y)
+    _check_data("y", m)
     numel = y.numel()
     grid, meta = _flat_plan(numel)
     with _on_device(y):
@@ -251,26 +329,13 @@ def bn_backward(grad_y: Tensor, z: Tensor, mask: Tensor, mean: Tensor, invstd: T
     """(dz, dgamma, dbeta, dres) of y = act(weight * (z - mean) * invstd + bias (+ residual)); see the
     comment above _bwd_tile_kernel (batchnorm_kernels.py). dz and dres in z's dtype and layout (dres
     empty unless need_dres), dgamma and dbeta fp32. grad_y is brought to z's layout (a copy only if it differs)."""
-    _check_data("z", z)
-    _fmt(z)
-    grad_y = _like(grad_y, "grad_y", z)
-    c, dev = z.shape[1], z.device
-    for name, v in (("mean", mean), ("invstd", invstd)):
-        _check_vec(name, v, c, dev, fp32=True)
-    _check_vec("weight", weight, c, dev)
-    numel = z.numel()
-    if relu:
-        if mask is None or mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (numel + 7) // 8:
-            got = "None" if mask is None else f"{mask.dtype} {tuple(mask.shape)}"
-            raise ValueError(f"bn_backward: relu needs the packed mask, a uint8 ({(numel + 7) // 8},) tensor; "
-                             f"got {got}")
-        if mask.device != dev:
-            raise RuntimeError(f"bn_backward: expected mask on {dev}, got {mask.device}")
-    m, _, hw, (s_n, s_hw, s_c), c_inner = _geometry(z)
-    tile_grid, tile_meta = _reduce_plan(m, c)
+    (m, c, hw, (s_n, s_hw, s_c), c_inner, fmt, numel, copy_g, (tile_grid, tile_meta), (grid, meta, chunk),
+     (flat_grid, flat_meta)) = _backward_plan(_m(grad_y), _m(z), _m(mask), _m(mean), _m(invstd), _m(weight),
+                                              bool(relu), _blocks())
+    grad_y = _in(grad_y, fmt, copy_g)
     t = tile_grid[0]
     mask_arg = mask if relu else z
-    fmt = _fmt(z)
+    dev = z.device
     with _on_device(z):
         part = empty((t, 2, c), dtype=torch.float32, device=dev)
         _bwd_tile_kernel[tile_grid](
@@ -278,16 +343,15 @@ def bn_backward(grad_y: Tensor, z: Tensor, mask: Tensor, mean: Tensor, invstd: T
             RELU=bool(relu), **tile_meta, **_LAUNCH)
         dbeta = empty((c,), dtype=torch.float32, device=dev)
         dgamma = empty((c,), dtype=torch.float32, device=dev)
-        grid, meta, chunk, ws, counter = _merge_workspace(t, c, 2, dev)
-        _bwd_reduce_kernel[grid](part, ws, counter, dbeta, dgamma, t, c, grid[0], chunk, **meta, **_LAUNCH)
+        ws = empty((grid[0], 2, c), dtype=torch.float32, device=dev)
+        _bwd_reduce_kernel[grid](part, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev), dbeta, dgamma,
+                                 t, c, grid[0], chunk, **meta, **_LAUNCH)
         dz = empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
         dres = empty(z.shape if need_dres else (0,), dtype=z.dtype, device=dev,
                      memory_format=fmt if need_dres else torch.contiguous_format)
-        flat_grid, flat_meta = _flat_plan(numel)
         _bwd_dz_kernel[flat_grid](
             grad_y, z, mask_arg, mean, invstd, weight if weight is not None else mean, dbeta, dgamma,
             dz, dres if need_dres else dz, numel, c, c_inner, 1.0 / m,
             HAS_W=weight is not None, TRAINING=bool(training), RELU=bool(relu), NEED_DRES=bool(need_dres),
             **flat_meta, **_LAUNCH)
     return dz, dgamma, dbeta, dres
-

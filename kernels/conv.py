@@ -22,7 +22,8 @@ the kernel covers).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -70,32 +71,48 @@ def _pair(v: IntPair, name: str) -> Tuple[int, int]:
     return v
 
 
-def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
-    ho, wo = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
-    return ho, wo
+def _hashable(v):
+    """stride / padding / dilation as given (int or sequence), as a hashable cache-key part."""
+    return v if isinstance(v, int) else tuple(v)
 
 
 def conv2d_nhwc_supports(x: Tensor, weight: Tensor, stride: IntPair = 1, padding: IntPair = 0,
                          dilation: IntPair = 1, groups: int = 1) -> Optional[str]:
-    """None when the Triton conv covers this call, else a short reason ("groups=2", "dtype float64", ...)."""
+    """None when the Triton conv covers this call, else a short reason ("groups=2", "dtype float64", ...).
+    The answer depends on the tensors' metadata only (shape, dtype, device), never on their values: it is
+    remembered per metadata key (:func:`_supports`); under torch.compile's tracing (symbolic sizes) it is
+    computed afresh."""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        return "input and weight must be 4-D tensors"
+    args = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, _hashable(stride),
+            _hashable(padding), _hashable(dilation), groups, x.device.type == "cpu" and interpreter_active())
+    if torch.compiler.is_compiling():
+        return _supports.__wrapped__(*args)
+    return _supports(*args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _supports(xshape, xdtype, xdevice, wshape, wdtype, wdevice, stride, padding, dilation, groups: int,
+              interp: bool) -> Optional[str]:
+    """conv2d_nhwc_supports from metadata alone (so it can be remembered: every argument is the key)."""
     if groups != 1:
         return f"groups={groups}"
-    if not isinstance(x, Tensor) or x.dim() != 4 or not isinstance(weight, Tensor) or weight.dim() != 4:
+    if len(xshape) != 4 or len(wshape) != 4:
         return "input and weight must be 4-D tensors"
-    xdt, wdt = (str(t.dtype).replace("torch.", "") for t in (x, weight))
-    if x.dtype not in _DTYPES:
+    xdt, wdt = (str(dt).replace("torch.", "") for dt in (xdtype, wdtype))
+    if xdtype not in _DTYPES:
         return f"dtype {xdt}"
-    if weight.dtype != x.dtype:
+    if wdtype != xdtype:
         return f"weight dtype {wdt} != input dtype {xdt}"
-    if x.device.type == "cpu":
-        if not interpreter_active():
+    if xdevice.type == "cpu":
+        if not interp:
             return "cpu tensors without TRITON_INTERPRET=1"
-        if x.dtype == torch.bfloat16:
+        if xdtype == torch.bfloat16:
             return "bfloat16 under the Triton interpreter"
-    elif x.device.type != "cuda":
-        return f"device {x.device.type}"
-    if weight.device != x.device:
-        return f"weight on {weight.device}, input on {x.device}"
+    elif xdevice.type != "cuda":
+        return f"device {xdevice.type}"
+    if wdevice != xdevice:
+        return f"weight on {wdevice}, input on {xdevice}"
     try:
         stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                      _pair(dilation, "dilation"))
@@ -107,16 +124,16 @@ def conv2d_nhwc_supports(x: Tensor, weight: Tensor, stride: IntPair = 1, padding
         return f"dilation {dilation} (each must be >= 1)"
     if min(padding) < 0:
         return f"padding {padding} (each must be >= 0)"
-    if x.shape[1] != weight.shape[1]:
-        return f"input channels {x.shape[1]} != weight channels {weight.shape[1]}"
-    if x.shape[1] == 0 or weight.shape[0] == 0:
+    if xshape[1] != wshape[1]:
+        return f"input channels {xshape[1]} != weight channels {wshape[1]}"
+    if xshape[1] == 0 or wshape[0] == 0:
         return "zero channels"
-    ho, wo = _out_hw(x, weight, stride, padding, dilation)
+    ho, wo = conv_out_hw(xshape[2], xshape[3], wshape[2], wshape[3], stride, padding, dilation)
     if ho <= 0 or wo <= 0:
         return f"empty output {ho}x{wo}"
-    out_numel = x.shape[0] * weight.shape[0] * ho * wo
-    grow = _cin_p(x.shape[1]) / x.shape[1]           # the kernel reads input and weight padded to CIN_P channels
-    if max(x.numel() * grow, out_numel, weight.numel() * grow) > _INT32_LIMIT:
+    out_numel = xshape[0] * wshape[0] * ho * wo
+    grow = _cin_p(xshape[1]) / xshape[1]           # the kernel reads input and weight padded to CIN_P channels
+    if max(xshape.numel() * grow, out_numel, wshape.numel() * grow) > _INT32_LIMIT:
         return "tensor too large for int32 indexing"
     return None
 
@@ -207,78 +224,110 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
     fastres.kernels.alloc.empty; partials a (T, 3, Cout) fp32 tensor, T = cdiv(N*Ho*Wo, BLOCK_M), holding
     [count, mean, M2] of each M tile per channel (count = valid rows of the tile), or None.
     """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        got = f"{x.dim()}-D tensor" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"conv2d_nhwc: expected a 4-D input (N, Cin, H, W), got {got}")
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        got = f"{weight.dim()}-D tensor" if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"conv2d_nhwc: expected a 4-D weight (Cout, Cin, kh, kw), got {got}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"conv2d_nhwc: expected input dtype float32, float16 or bfloat16, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"conv2d_nhwc: expected weight of the input's dtype {x.dtype}, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"conv2d_nhwc: expected weight on the input's device {x.device}, got {weight.device}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"conv2d_nhwc: expected input with {weight.shape[1]} channels (weight "
-                         f"{tuple(weight.shape)}, groups=1), got input of shape {tuple(x.shape)}")
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)
+            and (residual is None or isinstance(residual, Tensor))):
+        for name, t, what in (("input", x, "a 4-D input (N, Cin, H, W)"), ("weight", weight, "a 4-D weight "
+                              "(Cout, Cin, kh, kw)"), ("residual", residual, "residual as a tensor")):
+            if not isinstance(t, Tensor) and (t is not None or name != "residual"):
+                raise ValueError(f"conv2d_nhwc: expected {what}, got {type(t).__name__}")
+    plan = _launch_plan(
+        x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, _hashable(stride),
+        _hashable(padding), _hashable(dilation),
+        None if residual is None else (residual.shape, residual.dtype, residual.device, residual.stride()),
+        bias is not None, scale is not None, shift is not None, bool(relu), bool(want_stats),
+        bool(torch.backends.cudnn.allow_tf32), x.device.type == "cpu" and interpreter_active())
+    dev = x.device
+    cout = plan.out_shape[1]
+    bias, scale, shift = _param(bias, "bias", cout, dev), _param(scale, "scale", cout, dev), \
+        _param(shift, "shift", cout, dev)
+    if plan.s2d:
+        xc, wmat = s2d_input(x, plan.padding), s2d_weight(weight)
+    else:
+        xc, wmat = _input_nhwc(x, plan.cin_p), _weight_matrix(weight, plan.cin_p)
+    out = _alloc.empty(plan.out_shape, dtype=x.dtype, device=dev, memory_format=torch.channels_last)
+    part = _alloc.empty(plan.part_shape, dtype=torch.float32, device=dev) if want_stats else None
+    if plan.m == 0:
+        return out, part
+    dummy = out  # stands in for absent optional pointers (never read: its flag is off)
+    args = (xc, wmat, bias if bias is not None else dummy, scale if scale is not None else dummy,
+            shift if shift is not None else dummy, residual if residual is not None else out, out,
+            part if part is not None else dummy, *plan.ints)
+    if dev.type == "cpu":
+        _conv_kernel[plan.grid](*args, **plan.flags)
+    else:
+        with torch.cuda.device(dev):
+            _conv_kernel_tuned[plan.grid](*args, **plan.flags)
+    return out, part
+
+
+class _Plan(NamedTuple):
+    """What a launch of this metadata needs, computed once per metadata key (:func:`_launch_plan`)."""
+    out_shape: Tuple[int, int, int, int]
+    part_shape: Tuple[int, int, int]
+    m: int
+    cin_p: int
+    s2d: bool
+    padding: Tuple[int, int]
+    ints: Tuple[int, ...]       # the kernel's integer arguments, in _INT_ARGS order
+    flags: dict                 # constexpr switches (+ the interpreter's config); read-only
+    grid: object                # a grid tuple (interpreter) or a function of the autotuned config (GPU)
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(xshape, xdtype, xdevice, wshape, wdtype, wdevice, stride, padding, dilation, res,
+                 has_bias: bool, has_scale: bool, has_shift: bool, relu: bool, want_stats: bool,
+                 allow_tf32: bool, interp: bool) -> _Plan:
+    """Check a call from its metadata and plan its launch: geometry, grid, flags. A pure function of
+    its arguments (shapes, strides, dtypes, devices, flags; never a tensor's values), so remembering it
+    per key is sound; a bad call raises (and, raising, is not remembered). res: the residual's (shape,
+    dtype, device, strides) or None."""
+    if len(xshape) != 4:
+        raise ValueError(f"conv2d_nhwc: expected a 4-D input (N, Cin, H, W), got {len(xshape)}-D tensor")
+    if len(wshape) != 4:
+        raise ValueError(f"conv2d_nhwc: expected a 4-D weight (Cout, Cin, kh, kw), got {len(wshape)}-D tensor")
+    if xdtype not in _DTYPES:
+        raise TypeError(f"conv2d_nhwc: expected input dtype float32, float16 or bfloat16, got {xdtype}")
+    if wdtype != xdtype:
+        raise TypeError(f"conv2d_nhwc: expected weight of the input's dtype {xdtype}, got {wdtype}")
+    if wdevice != xdevice:
+        raise ValueError(f"conv2d_nhwc: expected weight on the input's device {xdevice}, got {wdevice}")
+    if xshape[1] != wshape[1]:
+        raise ValueError(f"conv2d_nhwc: expected input with {wshape[1]} channels (weight "
+                         f"{tuple(wshape)}, groups=1), got input of shape {tuple(xshape)}")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    why = conv2d_nhwc_supports(x, weight, stride, padding, dilation, 1)
+    why = _supports(xshape, xdtype, xdevice, wshape, wdtype, wdevice, stride, padding, dilation, 1, interp)
     if why is not None:
         raise ValueError(f"conv2d_nhwc: the Triton conv does not cover this call: {why}")
-
-    n, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ho, wo = _out_hw(x, weight, stride, padding, dilation)
-    dev = x.device
-    bias, scale, shift = (_param(t, nm, cout, dev) for t, nm in ((bias, "bias"), (scale, "scale"),
-                                                                  (shift, "shift")))
-    if residual is not None:
-        if not isinstance(residual, Tensor) or tuple(residual.shape) != (n, cout, ho, wo):
-            got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
+    n, cin, h, w = xshape
+    cout, _, kh, kw = wshape
+    ho, wo = conv_out_hw(h, w, kh, kw, stride, padding, dilation)
+    if res is not None:
+        rshape, rdtype, rdevice, rstrides = res
+        if tuple(rshape) != (n, cout, ho, wo):
             raise ValueError(f"conv2d_nhwc: expected residual of shape {(n, cout, ho, wo)} (the conv "
-                             f"output), got {got}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"conv2d_nhwc: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
-        if residual.device != dev:
-            raise ValueError(f"conv2d_nhwc: expected residual on {dev}, got {residual.device}")
-
-    geo = _geometry(n, cin, h, w, cout, kh, kw, stride, padding, dilation,
-                    None if residual is None else residual.stride())
-    cin_p = geo["CIN_P"]
-    if geo["S2D"]:
-        xc, wmat = s2d_input(x, padding), s2d_weight(weight)
-    else:
-        xc, wmat = _input_nhwc(x, cin_p), _weight_matrix(weight, cin_p)
-    m, ho, wo = geo["M"], geo["HO"], geo["WO"]
-    out = _alloc.empty((n, cout, ho, wo), dtype=x.dtype, device=dev, memory_format=torch.channels_last)
-
-    interp = dev.type == "cpu"
-    block_m = BLOCK_M_INTERPRETER if interp else BLOCK_M_GPU
-    tiles_m = cdiv(m, block_m)
-    part = (_alloc.empty((tiles_m, 3, cout), dtype=torch.float32, device=dev) if want_stats else None)
-    if m == 0:
-        return out, part
-
+                             f"output), got {tuple(rshape)}")
+        if rdtype != xdtype:
+            raise TypeError(f"conv2d_nhwc: expected residual of the input's dtype {xdtype}, got {rdtype}")
+        if rdevice != xdevice:
+            raise ValueError(f"conv2d_nhwc: expected residual on {xdevice}, got {rdevice}")
+    geo = _geometry(n, cin, h, w, cout, kh, kw, stride, padding, dilation, None if res is None else res[3])
+    cpu = xdevice.type == "cpu"
+    block_m = BLOCK_M_INTERPRETER if cpu else BLOCK_M_GPU
+    m = geo["M"]
     # fp32: "ieee" (full fp32 products) unless PyTorch's conv flag allows TF32; fp16/bf16: the
     # default ("tf32"), which does not change 16-bit products.
-    ieee = x.dtype == torch.float32 and (interp or not torch.backends.cudnn.allow_tf32)
-    dummy = out  # stands in for absent optional pointers (never read: its flag is off)
-    res = residual if residual is not None else out
-    ints = [geo[k] for k in _INT_ARGS]
-    args = (xc, wmat, bias if bias is not None else dummy, scale if scale is not None else dummy,
-            shift if shift is not None else dummy, res, out, part if part is not None else dummy, *ints)
-    flags = _flags(geo, bias is not None, scale is not None, shift is not None, residual is not None, relu,
-                   want_stats, "ieee" if ieee else "tf32", block_m)
-    if interp:
-        meta = _interp_meta(cin_p)
-        _conv_kernel[(_grid_size(m, cout, block_m, meta["BLOCK_N"]),)](*args, **flags, **meta)
+    ieee = xdtype == torch.float32 and (cpu or not allow_tf32)
+    flags = _flags(geo, has_bias, has_scale, has_shift, res is not None, relu, want_stats,
+                   "ieee" if ieee else "tf32", block_m)
+    if cpu:
+        meta = _interp_meta(geo["CIN_P"])
+        flags.update(meta)
+        grid = (_grid_size(m, cout, block_m, meta["BLOCK_N"]),)
     else:
         def grid(meta):
             return (_grid_size(m, cout, block_m, meta["BLOCK_N"]),)
-        with torch.cuda.device(dev):
-            _conv_kernel_tuned[grid](*args, **flags)
-    return out, part
+    return _Plan((n, cout, ho, wo), (cdiv(m, block_m), 3, cout), m, geo["CIN_P"], bool(geo["S2D"]), padding,
+                 tuple(geo[k] for k in _INT_ARGS), flags, grid)
 
 
 _INT_ARGS = ("M", "COUT", "H", "W", "HO", "WO", "CIN_P", "K_P", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",

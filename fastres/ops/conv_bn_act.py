@@ -23,7 +23,8 @@ What the forward saves for backward, and why:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
@@ -189,6 +190,15 @@ def _differentiable_backward(ctx, grad_y, needs, x, weight, bias, bn_weight, bn_
 IntPair = Union[int, Sequence[int]]
 
 
+class ConvSpec(NamedTuple):
+    """The convolution's arguments as one typed record (what travels from a module to a backend;
+    flattened only at the torch.library boundary, whose schema takes int[] lists)."""
+    stride: List[int]
+    padding: List[int]
+    dilation: List[int]
+    groups: int
+
+
 def _pair(v: IntPair, name: str) -> List[int]:
     if isinstance(v, int):
         return [v, v]
@@ -198,10 +208,62 @@ def _pair(v: IntPair, name: str) -> List[int]:
     return v
 
 
+@functools.lru_cache(maxsize=1024)
+def _spec(stride, padding, dilation, groups) -> ConvSpec:
+    return ConvSpec(_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups)
+
+
+def conv_spec(stride: IntPair, padding: IntPair, dilation: IntPair, groups: int) -> ConvSpec:
+    """The checked ConvSpec of these arguments, remembered per value (a pure function of them). Its
+    lists are shared between calls: nothing in fastres mutates them, and they never reach a user."""
+    try:
+        return _spec(stride if isinstance(stride, int) else tuple(stride),
+                     padding if isinstance(padding, int) else tuple(padding),
+                     dilation if isinstance(dilation, int) else tuple(dilation), groups)
+    except TypeError:   # an unhashable element: checked (and rejected) without the cache
+        return _spec.__wrapped__(stride, padding, dilation, groups)
+
+
 def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
            stride, padding, dilation, groups: int, training: bool) -> None:
+    """Raise the error that says what was expected for a bad call. What it checks is the tensors'
+    metadata (shape, dtype, device), so a call that passed is remembered per metadata key (_checked);
+    symbolic sizes (tracing) or non-tensor arguments are checked without it."""
     if not isinstance(x, Tensor):
         raise TypeError(f"conv_bn_act: expected a 4-D tensor input (N, C, H, W), got {type(x).__name__}")
+    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
+    try:
+        metas = [None if t is None else (t.shape, t.dtype, t.device) for t in tensors]
+        _checked(*metas, tuple(stride), tuple(padding), tuple(dilation), groups, bool(training))
+        return
+    except (AttributeError, TypeError):   # (an unhashable key, or a bad call: checked again below)
+        pass
+    _check_tensors(*tensors, stride, padding, dilation, groups, training)
+
+
+class _Meta:
+    """A tensor's metadata standing in for it in _check_tensors (what the checks read)."""
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, meta):
+        self.shape, self.dtype, self.device = meta
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked(*key) -> bool:
+    metas, rest = key[:8], key[8:]
+    _check_tensors(*(None if m is None else _Meta(m) for m in metas), *rest)
+    return True
+
+
+def _check_tensors(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                   stride, padding, dilation, groups: int, training: bool) -> None:
     if x.dim() != 4:
         raise InputShapeError(f"conv_bn_act: expected a 4-D input (N, C, H, W), got {x.dim()}-D input")
     if not x.is_floating_point():
@@ -267,7 +329,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
     a bad call is explained by :func:`explain` when aten rejects it. On a fused backend the inputs are
     checked first, then the kernels run through _ConvBNAct.
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation, groups = conv_spec(stride, padding, dilation, groups)
     if not isinstance(x, Tensor) or x.dim() != 4:
         explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
                 dilation, groups, training)
