@@ -316,22 +316,61 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Everything a run would otherwise trip over with a traceback, as one line (p.error)."""
+    from fastres import backend as fb
+
+    for name in ("steps", "batch_size", "num_classes"):
+        low = 2 if name != "steps" else 1
+        if getattr(a, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(a, name)}")
+    if a.image_size is not None and a.image_size < 4:
+        p.error(f"--image-size must be at least 4, got {a.image_size}")
+    if not a.lr > 0 or not math.isfinite(a.lr):
+        p.error(f"--lr must be a positive number, got {a.lr}")
+    try:
+        dev = torch.device(a.device)
+    except (RuntimeError, ValueError):
+        p.error(f"--device: {a.device!r} is not a device (cpu, cuda, cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA GPU is available here")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {a.device}: expected cpu or cuda")
+    try:
+        with fb.use_backend(a.backend):
+            fb.resolve("conv_bn_act", dev)
+    except (ValueError, fb.BackendUnavailableError) as e:
+        p.error(f"--backend {a.backend}: {e}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastres.parity", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet20", choices=[*CIFAR_ARCHS, *IMAGENET_ARCHS])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
+    p = _Parser(prog="python -m fastres.parity", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet20", choices=[n for n in list_models() if n in CIFAR_ARCHS
+                                                          or n in IMAGENET_ARCHS],
+                   help="the net (from fastres.models' registry; default resnet20)")
+    p.add_argument("--steps", type=int, default=20, help="training steps of each run (default 20)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--image-size", type=int, default=None, help="default 32 (CIFAR archs) or 224")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="bf16 = autocast, fp32 master weights")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"],
+                   help="fastres backend of the fused run (default auto: the best one for --device)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (default 0.02)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic data (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights and data (default 0)")
     p.add_argument("--json", metavar="OUT", help="write the full result (per-step losses, checks) here")
     a = p.parse_args(argv)
     if a.backend == "triton" and a.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    _check_args(p, a)
     image = a.image_size or (32 if a.arch in CIFAR_ARCHS else 224)
     result = run(a.arch, a.steps, a.batch_size, image, a.dtype, a.backend, a.device, a.lr, a.num_classes, a.seed)
     print(report(result))

@@ -285,13 +285,20 @@ def format_table(report):
     return "\n".join(lines + [f"note: {n}" for n in report["notes"]])
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # @triton.jit under the interpreter gives InterpretedFunction: start again without it
         env = dict(os.environ, TRITON_INTERPRET="0")
         os.execve(sys.executable, [sys.executable, "-m", "fastres.kernels.report", *argv], env)
-    p = argparse.ArgumentParser(prog="python -m fastres.kernels.report", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m fastres.kernels.report", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for report.json and the PTX files")
     p.add_argument("--arch", type=int, default=90, help="compute capability: 80 (sm_80) or 90 (sm_90a)")
     p.add_argument("--dtype", default="bf16", help=f"data dtype(s), comma-separated, of {DTYPES}")
@@ -302,7 +309,12 @@ def main(argv=None):
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         p.error(f"--dtype: expected some of {DTYPES}, got {args.dtype!r}")
+    if args.arch < 80:
+        p.error(f"--arch: compute capability 80 (sm_80) or above, e.g. 90 (sm_90a), got {args.arch}")
     cases = [c for c in args.cases.split(",") if c] or None
+    unknown = sorted(set(cases or ()) - {c["name"] for c in RESNET50_CASES})
+    if unknown:
+        p.error(f"--cases: unknown {unknown}; known: {', '.join(c['name'] for c in RESNET50_CASES)}")
     report = build_report(args.out, args.arch, dtypes, args.subset, case_names=cases)
     print(format_table(report))
     failed = [v for v in report["variants"] if "error" in v]

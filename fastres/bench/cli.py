@@ -20,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import List, Optional
+
+import torch
 
 from fastres.bench.cases import LEVELS, cases
 from fastres.bench.config import Setup, make_setup, quick_requested
@@ -35,8 +38,29 @@ def run_cli(setup: Setup, levels: List[str], archs: Optional[List[str]] = None, 
     return run_rows(setup, todo, progress)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
+
+
+def _device(p: argparse.ArgumentParser, name: Optional[str]) -> Optional[str]:
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        p.error(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {name}: expected cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {name}: no CUDA GPU is available here")
+    return name
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastres.bench", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m fastres.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", default=None,
                    help="few rounds, no torch.compile (default: on when FASTRES_BENCH_QUICK=1 or CI=true)")
@@ -53,7 +77,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     quick = quick_requested() if a.quick is None else a.quick
-    setup = make_setup(a.device, quick, a.compile)
+    if a.rounds is not None and a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}")
+    if a.batch_size is not None and a.batch_size < 2:
+        p.error(f"--batch-size must be at least 2 (BatchNorm in training), got {a.batch_size}")
+    setup = make_setup(_device(p, a.device), quick, a.compile)
     if a.rounds:
         setup.rounds = a.rounds
     if a.batch_size:
@@ -72,11 +100,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad:
         p.error(f"unknown levels {bad}: expected {', '.join(LEVELS)}")
-    archs = a.arch.split(",") if a.arch else None
+    archs = [x for x in a.arch.split(",") if x] if a.arch else None
+    if archs is not None:
+        known = [m.arch for m in setup.models]
+        unknown = [x for x in archs if x not in known]
+        if unknown or not archs:
+            p.error(f"--arch {a.arch!r}: the models level here benchmarks {', '.join(known)}")
     env = environment(setup.device)
     precision = f"autocast {setup.autocast}" if setup.autocast else "fp32"
     print(f"fastres.bench{' (quick)' if quick else ''}, {precision}: {summary_line(env)}")
     rows = run_cli(setup, levels, archs, progress=not a.no_progress)
+    if not rows:
+        print("fastres.bench: error: no row matches these options (--levels, --arch, --only, --providers); "
+              "nothing measured, nothing written", file=sys.stderr)
+        return 2
     print(table(rows))
     if a.json:
         with open(a.json, "w") as f:

@@ -31,8 +31,15 @@ log = logging.getLogger("fastres.train")
 
 
 # ----------------------------------------------------------------------------------------- arguments
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m fastres.train",
         description="Train a ResNet with fastres's fused conv + BatchNorm (+ add) (+ ReLU) layers. "
                     "With no arguments: ResNet-20 on scikit-learn's handwritten digits, a few minutes "
@@ -79,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
                         "several processes, fastres then runs each conv and SyncBatchNorm UNFUSED "
                         "(exact, but without the fused kernels); evaluation stays fused")
     p.add_argument("--workers", type=int, default=None,
-                   help="data-loading processes (default: 0 for in-memory data, 4 for imagefolder)")
+                   help="data-loading processes (default: 0 for in-memory data; imagefolder: min(4, cores - 1))")
     p.add_argument("--out", default=None, help="output folder (default: runs/<arch>-<data>)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (default: --out/checkpoint.pt)")
@@ -188,8 +195,9 @@ def cli(argv: Optional[List[str]] = None) -> int:
             msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"fastres.train: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fastres.train: interrupted; the last finished epoch is in the checkpoint (--resume)",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:
+        saved = getattr(e, "fastres_saved", None)
+        print(f"fastres.train: interrupted; epoch {saved[0]} is in {saved[1]} (--resume continues)" if saved
+              else "fastres.train: interrupted: no epoch finished; nothing saved", file=sys.stderr)
         return 130
     return 0

@@ -109,6 +109,15 @@ def lr_at(step: int, total: int, base: float, warmup: int = 0) -> float:
     return base * 0.1 ** ((step < warmup) + (step >= 0.5 * total) + (step >= 0.75 * total))
 
 
+def default_workers(data: str) -> int:
+    """Data-loading processes: 0 for in-memory data; for files, up to 4 but one core fewer than this
+    process may use (so that 2 cores get 1 worker and DataLoader has nothing to warn about)."""
+    if data != "imagefolder":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
+
+
 def atomic_save(obj, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".pt")
     try:
@@ -157,8 +166,10 @@ def load_checkpoint(path: str, a: argparse.Namespace) -> Dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         arch, data = state["args"]["arch"], state["args"]["data"]
-    except Exception as e:
-        raise UserError(f"--resume: {path} is not a fastres.train checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - torch's message would advise weights_only=False: not here
+        why = f"no {e} entry" if isinstance(e, (KeyError, TypeError)) else "not a torch.save file of plain values"
+        raise UserError(f"--resume: {path} is not a fastres checkpoint ({why}; fastres.train writes "
+                        "checkpoint.pt in its --out)") from None
     if (arch, data) != (a.arch, a.data):
         raise UserError(f"--resume: {path} is a {arch} run on {data}, not {a.arch} on {a.data}")
     shortcut = state["args"].get("shortcut")
@@ -172,7 +183,23 @@ class Trainer:
 
     def __init__(self, a: argparse.Namespace, dist: Dist, data: Optional[fdata.Data] = None):
         self.a, self.dist = a, dist
+        self.created_out = not os.path.exists(a.out)
         self.ckpt_path = check_out_dir(a.out, a.resume, a.overwrite)
+        try:
+            self._setup(a, dist, data)
+        except BaseException:
+            self.drop_empty_out()
+            raise
+
+    def drop_empty_out(self) -> None:
+        """A start that failed (or was interrupted before an epoch finished) leaves no empty run folder."""
+        try:
+            if self.created_out and self.dist.main and not os.listdir(self.a.out):
+                os.rmdir(self.a.out)
+        except OSError:
+            pass
+
+    def _setup(self, a: argparse.Namespace, dist: Dist, data: Optional[fdata.Data]) -> None:
         resume_path = self.ckpt_path if a.resume == "auto" else a.resume
         state = load_checkpoint(resume_path, a) if resume_path is not None else None
         self.data = data or fdata.load(a.data, a.data_dir, a.image_size, a.limit_train)
@@ -227,7 +254,7 @@ class Trainer:
 
     def _loaders(self, per_rank: int) -> None:
         a, dist, data = self.a, self.dist, self.data
-        workers = a.workers if a.workers is not None else (4 if a.data == "imagefolder" else 0)
+        workers = a.workers if a.workers is not None else default_workers(a.data)
         pin = dist.device.type == "cuda"
         self.sampler = (DistributedSampler(data.train, dist.world, dist.rank, shuffle=True, seed=a.seed)
                         if dist.world > 1 else None)
@@ -264,6 +291,8 @@ class Trainer:
                        a.warmup_epochs * self.steps_per_epoch)
             for g in self.opt.param_groups:
                 g["lr"] = lr
+            if i == 0:
+                first_lr = lr  # the lr logged: the one the epoch started with
             x = x.to(dist.device, non_blocking=True)
             y = y.to(dist.device, non_blocking=True)
             x = fdata.augment(x, self.data.pad, self.data.flip).contiguous(memory_format=self.fmt)
@@ -286,7 +315,7 @@ class Trainer:
         loss_sum, wrong, seen = dist.sum([loss_sum, wrong, seen])
         train_time = time.time() - t0
         test_loss, test_error = evaluate(self.model, self.test_loader, dist, self.autocast)
-        return dict(epoch=epoch + 1, lr=float(f"{lr:.6g}"), train_loss=loss_sum / seen, train_error=wrong / seen,
+        return dict(epoch=epoch + 1, lr=float(f"{first_lr:.6g}"), train_loss=loss_sum / seen, train_error=wrong / seen,
                     test_loss=test_loss, test_error=test_error, seconds=round(time.time() - t0, 2),
                     images_per_s=round(seen / train_time, 1))
 
@@ -303,10 +332,30 @@ class Trainer:
         a, dist = self.a, self.dist
         if dist.main:
             log.info("%s on %s: %d epochs x %d steps of %d images per process (%d process%s), device %s, "
-                     "backend %s, %.2fM parameters", a.arch, self.data.description, a.epochs,
+                     "backend %s, %d CPU thread%s, %.2fM parameters", a.arch, self.data.description, a.epochs,
                      self.steps_per_epoch, a.batch_size, dist.world, "es" if dist.world > 1 else "",
-                     dist.device, a.backend, sum(p.numel() for p in self.model.parameters()) / 1e6)
+                     dist.device, a.backend, torch.get_num_threads(), "s" if torch.get_num_threads() > 1 else "",
+                     sum(p.numel() for p in self.model.parameters()) / 1e6)
         t_start = time.time()
+        try:
+            self._epochs()
+        except KeyboardInterrupt as e:
+            # what the command line tells the user: where the last finished epoch is, if anywhere
+            e.fastres_saved = (self.history[-1]["epoch"], self.ckpt_path) if self.history else None
+            self.drop_empty_out()
+            raise
+        seconds = time.time() - t_start
+        final = self.history[-1]
+        if dist.main:
+            log.info("done: %s on %s: test accuracy %.2f%% (error %.2f%%) after %d epochs; %.1fs this run; "
+                     "outputs in %s (log.csv, curves.png, checkpoint.pt)", a.arch, a.data,
+                     100 * (1 - final["test_error"]), 100 * final["test_error"], final["epoch"], seconds, a.out)
+        return {"model": self.model, "history": self.history, "test_error": final["test_error"],
+                "seconds": seconds, "out": a.out}
+
+
+    def _epochs(self) -> None:
+        a, dist = self.a, self.dist
         for epoch in range(self.start_epoch, a.epochs):
             row = self.train_epoch(epoch)
             self.history.append(row)
@@ -316,14 +365,6 @@ class Trainer:
                          100 * row["train_error"], row["test_loss"], 100 * row["test_error"],
                          row["images_per_s"], row["seconds"])
                 self.save()
-        seconds = time.time() - t_start
-        final = self.history[-1]
-        if dist.main:
-            log.info("done: %s on %s: test accuracy %.2f%% (error %.2f%%) after %d epochs; %.1fs this run; "
-                     "outputs in %s (log.csv, curves.png, checkpoint.pt)", a.arch, a.data,
-                     100 * (1 - final["test_error"]), 100 * final["test_error"], final["epoch"], seconds, a.out)
-        return {"model": self.model, "history": self.history, "test_error": final["test_error"],
-                "seconds": seconds, "out": a.out}
 
 
 def train(a: argparse.Namespace, dist: Dist, data: Optional[fdata.Data] = None) -> Dict:

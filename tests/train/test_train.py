@@ -281,7 +281,7 @@ def test_unwritable_out_and_existing_checkpoint(tmp_path):
     p = run_cli("--out", str(out))
     assert p.returncode == 2 and "already exists: pass --resume" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("--out", str(out), "--resume")
-    assert p.returncode == 2 and "is not a fastres.train checkpoint" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "is not a fastres checkpoint" in p.stderr and "Traceback" not in p.stderr
     assert (out / "checkpoint.pt").read_bytes() == b"an earlier run"
 
 
