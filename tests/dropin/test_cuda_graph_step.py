@@ -78,3 +78,30 @@ def test_captured_training_step_equals_eager_over_replays(name, batch):
         assert_as_good(static_loss.detach(), loss.detach(), want.detach(), f"loss, replay {r}")
         for (n, a), b, c in zip(eager.named_parameters(), graphed.parameters(), oracle.parameters()):
             assert_as_good(b.detach(), a.detach(), c.detach(), f"{n}, replay {r}")
+
+
+@pytest.mark.parametrize("batch", [8, 32])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_graphed_step_helper_equals_eager_over_replays(name, batch):
+    """fastres.GraphedStep (warm-up that does not count, capture, replay) against the eager step."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    base = fastres.FusedResNet50(num_classes=10).cuda().to(memory_format=torch.channels_last)
+    graphed, eager, oracle = base, copy.deepcopy(base), copy.deepcopy(base).double()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in (graphed, eager, oracle)]
+    with fastres.use_backend(name):
+        step = fastres.GraphedStep(graphed, opts[0], nn.functional.cross_entropy, *_data(0, batch))
+    for r in range(3):
+        x, y = _data(1 + r, batch)
+        loss = step(x, y).clone()
+        with fastres.use_backend(name):
+            want_loss = _step(eager, opts[1], x, y)
+        with fastres.use_backend("torch"):
+            want = _step(oracle, opts[2], x.double(), y)
+        torch.cuda.synchronize()
+        assert_as_good(loss, want_loss.detach(), want.detach(), f"loss, replay {r}")
+        for (n, a), b, c in zip(eager.named_parameters(), graphed.parameters(), oracle.parameters()):
+            assert_as_good(b.detach(), a.detach(), c.detach(), f"{n}, replay {r}")
+    opts[0].param_groups[0]["lr"] = 0.01   # a float lr baked into the graph: replaying would be stale
+    with pytest.raises(RuntimeError, match="hyperparameters changed"):
+        step(*_data(9, batch))
