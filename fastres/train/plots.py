@@ -18,8 +18,13 @@ def _pyplot():
 
 def _curves(ax, name: str, hist: List[Dict], color: str) -> None:
     ep = [h["epoch"] for h in hist]
-    ax.plot(ep, [100 * h["train_error"] for h in hist], "--", color=color, label=f"{name} train")
-    ax.plot(ep, [100 * h["test_error"] for h in hist], "-", color=color, lw=2, label=f"{name} test")
+    # markers while there are few points (one epoch is one point: a line alone would not show it)
+    mark = dict(marker="o", ms=4) if len(ep) <= 30 else {}
+    ax.plot(ep, [100 * h["train_error"] for h in hist], "--", color=color, label=f"{name} train", **mark)
+    ax.plot(ep, [100 * h["test_error"] for h in hist], "-", color=color, lw=2, label=f"{name} test", **mark)
+    if ep and len(ep) <= 30:  # whole epochs on the axis, with room around a single point
+        ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
+        ax.set_xticks(ep if len(ep) <= 15 else ep[::2])
 
 
 def _save(fig, path: str) -> None:
