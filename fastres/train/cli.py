@@ -181,9 +181,23 @@ def main(argv: Optional[List[str]] = None):
         dist.stop()
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at emit time, not the stream current when the first cli() ran:
+    a caller that swaps sys.stdout between runs (pytest's capture, a notebook, contextlib.redirect_stdout)
+    must not leave the handler writing to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def cli(argv: Optional[List[str]] = None) -> int:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("fastres.train: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

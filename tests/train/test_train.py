@@ -294,3 +294,24 @@ def test_default_out_never_reuses_an_earlier_run(tmp_path, monkeypatch):
     open(os.path.join("runs", "resnet20-digits", "checkpoint.pt"), "w").close()
     assert default_out("resnet20-digits", fresh=True) == os.path.join("runs", "resnet20-digits-2")
     assert default_out("resnet20-digits", fresh=False) == os.path.join("runs", "resnet20-digits")
+
+
+def test_log_follows_stdout_between_runs(tmp_path):
+    # A notebook or a test harness swaps sys.stdout between two cli() calls and closes the old one: the
+    # second run must log to the new stdout, not print "--- Logging error ---" for a closed file.
+    import contextlib
+    import io
+    argv = ["--data", "imagefolder", "--data-dir", str(tmp_path), "--image-size", "8", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "run"), *THREADS]
+    write_images(str(tmp_path / "train"), per_class=3)
+    write_images(str(tmp_path / "val"), per_class=1)
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")  # fails fast, after the banner
+    outs, errs = [], io.StringIO()
+    for _ in range(2):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(errs):
+            assert ftrain.cli(argv) == 2
+        outs.append(out.getvalue())
+        out.close()
+    assert all("CPU thread" in o for o in outs), outs
+    assert "Logging error" not in errs.getvalue() and "Traceback" not in errs.getvalue(), errs.getvalue()
