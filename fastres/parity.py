@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.bench.environment import environment, summary_line
+from fastres.kernels.cli import OneLineParser as _Parser
 from fastres.models.registry import get_model, list_models, model_info
 
 Tensor = torch.Tensor
@@ -315,12 +316,6 @@ def report(result: dict) -> str:
                  f"{SATURATED}: chaotic drift, these only catch gross bugs)")
     return "\n".join(lines)
 
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:

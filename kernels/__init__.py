@@ -14,6 +14,7 @@ its modules do.
 * report_variants.py    - the launches conv.py and batchnorm.py make, described for report.py to compile
 * alloc.py              - output allocation with the poison switch tests use
 * shapes.py             - the convolution's output size (triton-free; also fastres.layout's)
+* cli.py                - the one-line-error argument parser of every fastres command line
 """
 import os
 

@@ -26,7 +26,6 @@ flops) is report_variants.py's.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -35,6 +34,8 @@ import re
 import subprocess
 import sys
 import time
+
+from fastres.kernels.cli import OneLineParser as _Parser
 
 PEAK_FLOPS = 989e12   # H100 SXM dense bf16 tensor-core FLOP/s
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3 bytes/s
@@ -284,12 +285,6 @@ def format_table(report):
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines + [f"note: {n}" for n in report["notes"]])
 
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
 
 
 def main(argv=None):

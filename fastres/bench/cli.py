@@ -29,6 +29,7 @@ from fastres.bench.cases import LEVELS, cases
 from fastres.bench.config import Setup, make_setup, quick_requested
 from fastres.bench.environment import environment, summary_line
 from fastres.bench.timing import run_rows, table
+from fastres.kernels.cli import OneLineParser as _Parser
 
 __all__ = ["run_cli", "main"]
 
@@ -37,12 +38,6 @@ def run_cli(setup: Setup, levels: List[str], archs: Optional[List[str]] = None, 
     todo = [c for level in levels for c in cases(setup, level, archs)]
     return run_rows(setup, todo, progress)
 
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
 
 
 def _device(p: argparse.ArgumentParser, name: Optional[str]) -> Optional[str]:
