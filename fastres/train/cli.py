@@ -23,6 +23,7 @@ from typing import List, Optional
 import torch
 
 import fastres
+from fastres.kernels.cli import OneLineParser as _Parser
 from fastres.train import data as fdata
 from fastres.train.experiments import EXPERIMENTS
 from fastres.train.trainer import ARCHS, DEFAULTS, Dist, UserError, train
@@ -31,12 +32,6 @@ log = logging.getLogger("fastres.train")
 
 
 # ----------------------------------------------------------------------------------------- arguments
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2 (not argparse's usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
-
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
@@ -45,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
                     "With no arguments: ResNet-20 on scikit-learn's handwritten digits, a few minutes "
                     "on a CPU. Several processes: torchrun --nproc_per_node N -m fastres.train ...",
         epilog="The schedule is the paper's: SGD, momentum 0.9, weight decay 1e-4, lr divided by 10 at "
-               "50% and 75% of training. Outputs in --out: log.csv, curves.png, checkpoint.pt.")
+               "50% and 75% of training. Outputs in --out: log.csv (per epoch: the lr it started with, train and "
+               "test loss and error, seconds, images/s), curves.png, checkpoint.pt.")
     p.add_argument("--arch", default="resnet20", metavar="ARCH",
                    help=f"the model (default resnet20): {', '.join(ARCHS)} (resnet18..152 are "
                         "fastres.FusedResNetXX)")
@@ -211,7 +207,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         saved = getattr(e, "fastres_saved", None)
-        print(f"fastres.train: interrupted; epoch {saved[0]} is in {saved[1]} (--resume continues)" if saved
-              else "fastres.train: interrupted: no epoch finished; nothing saved", file=sys.stderr)
+        print(f"fastres.train: interrupted; epoch {saved[0]} is in {saved[1]} (--resume {saved[1]} continues)"
+              if saved else "fastres.train: interrupted: no epoch finished; nothing saved", file=sys.stderr)
         return 130
     return 0

@@ -1,6 +1,7 @@
 """One training run of ``python -m fastres.train``: processes, model, loop, evaluation, checkpoints.
 
-Every epoch a run writes to its --out: log.csv (one row per epoch), curves.png (train and test error)
+Every epoch a run writes to its --out: log.csv (one row per epoch; its lr is the one the epoch started
+with, train loss/error the mean over its images, test loss/error after it), curves.png (train and test error)
 and checkpoint.pt (written to a temporary file, then renamed over the old one, so a crash never leaves
 a half-written checkpoint). Everything the user can get wrong is checked before anything is written,
 and raises :class:`UserError`.
@@ -223,12 +224,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=a.amp == "fp16")
         self.history: List[Dict] = []
         self.start_epoch = 0
+        self.saved_epoch, self.saved_path = 0, None  # the last checkpoint written or resumed from (0: none)
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             if a.amp == "fp16" and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.start_epoch, self.history = state["epoch"], state["history"]
+            self.saved_epoch, self.saved_path = self.start_epoch, resume_path
             if dist.main:
                 log.info("resumed %s at epoch %d of %d", resume_path, self.start_epoch, a.epochs)
         self.net = self.model
@@ -327,6 +330,7 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if a.amp == "fp16" else None,
                      "epoch": self.history[-1]["epoch"], "history": self.history, "args": vars(a),
                      "fastres_version": fastres.__version__}, self.ckpt_path)
+        self.saved_epoch, self.saved_path = self.history[-1]["epoch"], self.ckpt_path  # once it is in place
 
     def run(self) -> Dict:
         a, dist = self.a, self.dist
@@ -340,8 +344,9 @@ class Trainer:
         try:
             self._epochs()
         except KeyboardInterrupt as e:
-            # what the command line tells the user: where the last finished epoch is, if anywhere
-            e.fastres_saved = (self.history[-1]["epoch"], self.ckpt_path) if self.history else None
+            # what the command line tells the user: the last epoch whose checkpoint was written, if any (an
+            # interrupt while epoch N is being evaluated or saved leaves epoch N-1 there)
+            e.fastres_saved = (self.saved_epoch, self.saved_path) if self.saved_epoch else None
             self.drop_empty_out()
             raise
         seconds = time.time() - t_start
