@@ -28,13 +28,12 @@ after a conv of a given shape, from the launch plans below.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional, Tuple
 
 import torch
 
-from fastres.kernels.alloc import empty
+from fastres.kernels import alloc as _alloc
 from fastres.kernels.batchnorm_kernels import (
     _apply_kernel,
     _bwd_dz_kernel,
@@ -59,11 +58,6 @@ NUM_STAGES = 3
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LAUNCH = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-
-
-def _on_device(t: Tensor):
-    """Context running a launch on t's CUDA device (Triton launches on the current device); no-op on CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ---- launch plans: grid and meta-parameters of every launch (also read by report_variants.py) ---
@@ -108,8 +102,14 @@ def _m(t):
     return t.shape, t.stride(), t.dtype, t.device
 
 
-def _blocks():
-    return FLAT_BLOCK, TILE_ELEMS, MAX_BLOCK_C, BLOCK_T, MERGE_PROGRAMS
+def _key(*ts) -> tuple:
+    """A plan's key: _m of each argument, then the block sizes (module attributes, read per call).
+    One comprehension on the per-call path; an argument that is not a tensor takes _m's slow form."""
+    try:
+        metas = [None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in ts]
+    except (AttributeError, TypeError):
+        metas = [_m(t) for t in ts]
+    return (*metas, (FLAT_BLOCK, TILE_ELEMS, MAX_BLOCK_C, BLOCK_T, MERGE_PROGRAMS))
 
 
 def _dense_in(meta, fmt) -> bool:
@@ -183,10 +183,6 @@ def _check_like(name: str, meta, ref, fmt) -> bool:
     return not _dense_in(meta, fmt)
 
 
-def _in(t: Tensor, fmt, copy: bool) -> Tensor:
-    return t.contiguous(memory_format=fmt) if copy else t
-
-
 # ---- plans (remembered per metadata key) ---------------------------------------------------------
 
 @functools.lru_cache(maxsize=4096)
@@ -229,7 +225,7 @@ def _apply_plan(z, mean, invstd, weight, bias, residual, blocks):
 
 
 @functools.lru_cache(maxsize=4096)
-def _backward_plan(grad_y, z, mask, mean, invstd, weight, relu: bool, blocks):
+def _backward_plan(relu: bool, grad_y, z, mask, mean, invstd, weight, blocks):
     _check_data("z", z)
     m, c, hw, strides, c_inner, fmt = _geometry(z)
     copy_g = _check_like("grad_y", grad_y, z, fmt)
@@ -251,34 +247,46 @@ def _backward_plan(grad_y, z, mask, mean, invstd, weight, relu: bool, blocks):
 
 
 # ---- host functions -----------------------------------------------------------------------------
+# Each looks its plan up (one key: _key), then launches under the CUDA device of its tensors (Triton
+# launches on the current device); on CPU tensors (the interpreter) there is no device to enter.
 
 def bn_finalize(partials: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 momentum: float, eps: float) -> Tuple[Tensor, Tensor]:
     """Merge per-tile [count, mean, M2] partials (fp32 (T, 3, C)) into fp32 (mean, invstd), invstd =
     1/sqrt(biased var + eps); when running stats are given, update them in place as nn.BatchNorm2d does:
     r_mean = (1-m) r_mean + m mean, r_var = (1-m) r_var + m var n/(n-1), m = `momentum` (the effective factor)."""
-    t, c, dense, (grid, meta, chunk) = _finalize_plan(_m(partials), _m(running_mean), _m(running_var),
-                                                      _blocks())
+    plan = _finalize_plan(*_key(partials, running_mean, running_var))
+    if partials.is_cuda:
+        with torch.cuda.device(partials.device):
+            return _finalize(plan, partials, running_mean, running_var, momentum, eps)
+    return _finalize(plan, partials, running_mean, running_var, momentum, eps)
+
+
+def _finalize(plan, partials, running_mean, running_var, momentum, eps):
+    t, c, dense, (grid, meta, chunk) = plan
     partials = partials if dense else partials.contiguous()
     dev = partials.device
     has_running = running_mean is not None
-    with _on_device(partials):
-        mean = empty((c,), dtype=torch.float32, device=dev)
-        invstd = empty((c,), dtype=torch.float32, device=dev)
-        ws = empty((grid[0], 3, c), dtype=torch.float32, device=dev)
-        _finalize_kernel[grid](
-            partials, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev), mean, invstd,
-            running_mean if has_running else mean, running_var if has_running else invstd,
-            t, c, grid[0], chunk, float(momentum), float(eps),
-            HAS_RUNNING=has_running, **meta, **_LAUNCH)
+    empty = _alloc.empty
+    mean = empty((c,), dtype=torch.float32, device=dev)
+    invstd = empty((c,), dtype=torch.float32, device=dev)
+    ws = empty((grid[0], 3, c), dtype=torch.float32, device=dev)
+    _finalize_kernel[grid](
+        partials, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev), mean, invstd,
+        running_mean if has_running else mean, running_var if has_running else invstd,
+        t, c, grid[0], chunk, float(momentum), float(eps),
+        HAS_RUNNING=has_running, **meta, **_LAUNCH)
     return mean, invstd
 
 
 def bn_partials(z: Tensor) -> Tensor:
     """fp32 (T, 3, C) per-row-tile [count, mean, M2] of a dense NHWC/NCHW tensor."""
-    m, c, hw, (s_n, s_hw, s_c), (grid, meta) = _partials_plan(_m(z), _blocks())
-    with _on_device(z):
-        part = empty((grid[0], 3, c), dtype=torch.float32, device=z.device)
+    m, c, hw, (s_n, s_hw, s_c), (grid, meta) = _partials_plan(*_key(z))
+    part = _alloc.empty((grid[0], 3, c), dtype=torch.float32, device=z.device)
+    if z.is_cuda:
+        with torch.cuda.device(z.device):
+            _tile_stats_kernel[grid](z, part, m, c, hw, s_n, s_hw, s_c, **meta, **_LAUNCH)
+    else:
         _tile_stats_kernel[grid](z, part, m, c, hw, s_n, s_hw, s_c, **meta, **_LAUNCH)
     return part
 
@@ -294,21 +302,27 @@ def bn_apply(z: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], 
     """y = act(z * scale + shift (+ residual)) in z's dtype and layout, scale = weight * invstd,
     shift = bias - mean * scale (weight / bias None: 1 / 0). mask: packed y > 0 bits when relu and
     save_mask, else an empty uint8 tensor."""
-    fmt, c, c_inner, numel, copy_res, (grid, meta) = _apply_plan(
-        _m(z), _m(mean), _m(invstd), _m(weight), _m(bias), _m(residual), _blocks())
-    if residual is not None:
-        residual = _in(residual, fmt, copy_res)
+    plan = _apply_plan(*_key(z, mean, invstd, weight, bias, residual))
+    if z.is_cuda:
+        with torch.cuda.device(z.device):
+            return _apply(plan, z, mean, invstd, weight, bias, residual, relu, save_mask)
+    return _apply(plan, z, mean, invstd, weight, bias, residual, relu, save_mask)
+
+
+def _apply(plan, z, mean, invstd, weight, bias, residual, relu, save_mask):
+    fmt, c, c_inner, numel, copy_res, (grid, meta) = plan
+    if copy_res:
+        residual = residual.contiguous(memory_format=fmt)
     save = bool(relu and save_mask)
     dev = z.device
-    with _on_device(z):
-        y = empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
-        mask = empty(((numel + 7) // 8 if save else 0,), dtype=torch.uint8, device=dev)
-        _apply_kernel[grid](
-            z, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
-            residual if residual is not None else z, y, mask if save else y,
-            numel, c, c_inner,
-            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-            SAVE_MASK=save, **meta, **_LAUNCH)
+    y = _alloc.empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
+    mask = _alloc.empty(((numel + 7) // 8 if save else 0,), dtype=torch.uint8, device=dev)
+    _apply_kernel[grid](
+        z, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        residual if residual is not None else z, y, mask if save else y,
+        numel, c, c_inner,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
+        SAVE_MASK=save, **meta, **_LAUNCH)
     return y, mask
 
 
@@ -318,8 +332,11 @@ def pack_mask(y: Tensor) -> Tensor:
     _check_data("y", m)
     numel = y.numel()
     grid, meta = _flat_plan(numel)
-    with _on_device(y):
-        mask = empty(((numel + 7) // 8,), dtype=torch.uint8, device=y.device)
+    mask = _alloc.empty(((numel + 7) // 8,), dtype=torch.uint8, device=y.device)
+    if y.is_cuda:
+        with torch.cuda.device(y.device):
+            _pack_mask_kernel[grid](y, mask, numel, **meta, **_LAUNCH)
+    else:
         _pack_mask_kernel[grid](y, mask, numel, **meta, **_LAUNCH)
     return mask
 
@@ -329,29 +346,37 @@ def bn_backward(grad_y: Tensor, z: Tensor, mask: Tensor, mean: Tensor, invstd: T
     """(dz, dgamma, dbeta, dres) of y = act(weight * (z - mean) * invstd + bias (+ residual)); see the
     comment above _bwd_tile_kernel (batchnorm_kernels.py). dz and dres in z's dtype and layout (dres
     empty unless need_dres), dgamma and dbeta fp32. grad_y is brought to z's layout (a copy only if it differs)."""
+    plan = _backward_plan(bool(relu), *_key(grad_y, z, mask, mean, invstd, weight))
+    if z.is_cuda:
+        with torch.cuda.device(z.device):
+            return _backward(plan, grad_y, z, mask, mean, invstd, weight, training, relu, need_dres)
+    return _backward(plan, grad_y, z, mask, mean, invstd, weight, training, relu, need_dres)
+
+
+def _backward(plan, grad_y, z, mask, mean, invstd, weight, training, relu, need_dres):
     (m, c, hw, (s_n, s_hw, s_c), c_inner, fmt, numel, copy_g, (tile_grid, tile_meta), (grid, meta, chunk),
-     (flat_grid, flat_meta)) = _backward_plan(_m(grad_y), _m(z), _m(mask), _m(mean), _m(invstd), _m(weight),
-                                              bool(relu), _blocks())
-    grad_y = _in(grad_y, fmt, copy_g)
+     (flat_grid, flat_meta)) = plan
+    if copy_g:
+        grad_y = grad_y.contiguous(memory_format=fmt)
     t = tile_grid[0]
     mask_arg = mask if relu else z
     dev = z.device
-    with _on_device(z):
-        part = empty((t, 2, c), dtype=torch.float32, device=dev)
-        _bwd_tile_kernel[tile_grid](
-            grad_y, z, mask_arg, mean, invstd, part, m, c, hw, s_n, s_hw, s_c,
-            RELU=bool(relu), **tile_meta, **_LAUNCH)
-        dbeta = empty((c,), dtype=torch.float32, device=dev)
-        dgamma = empty((c,), dtype=torch.float32, device=dev)
-        ws = empty((grid[0], 2, c), dtype=torch.float32, device=dev)
-        _bwd_reduce_kernel[grid](part, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev), dbeta, dgamma,
-                                 t, c, grid[0], chunk, **meta, **_LAUNCH)
-        dz = empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
-        dres = empty(z.shape if need_dres else (0,), dtype=z.dtype, device=dev,
-                     memory_format=fmt if need_dres else torch.contiguous_format)
-        _bwd_dz_kernel[flat_grid](
-            grad_y, z, mask_arg, mean, invstd, weight if weight is not None else mean, dbeta, dgamma,
-            dz, dres if need_dres else dz, numel, c, c_inner, 1.0 / m,
-            HAS_W=weight is not None, TRAINING=bool(training), RELU=bool(relu), NEED_DRES=bool(need_dres),
-            **flat_meta, **_LAUNCH)
+    empty = _alloc.empty
+    part = empty((t, 2, c), dtype=torch.float32, device=dev)
+    _bwd_tile_kernel[tile_grid](
+        grad_y, z, mask_arg, mean, invstd, part, m, c, hw, s_n, s_hw, s_c,
+        RELU=bool(relu), **tile_meta, **_LAUNCH)
+    dbeta = empty((c,), dtype=torch.float32, device=dev)
+    dgamma = empty((c,), dtype=torch.float32, device=dev)
+    ws = empty((grid[0], 2, c), dtype=torch.float32, device=dev)
+    _bwd_reduce_kernel[grid](part, ws, torch.zeros(grid[1], dtype=torch.int32, device=dev), dbeta, dgamma,
+                             t, c, grid[0], chunk, **meta, **_LAUNCH)
+    dz = empty(z.shape, dtype=z.dtype, device=dev, memory_format=fmt)
+    dres = empty(z.shape if need_dres else (0,), dtype=z.dtype, device=dev,
+                 memory_format=fmt if need_dres else torch.contiguous_format)
+    _bwd_dz_kernel[flat_grid](
+        grad_y, z, mask_arg, mean, invstd, weight if weight is not None else mean, dbeta, dgamma,
+        dz, dres if need_dres else dz, numel, c, c_inner, 1.0 / m,
+        HAS_W=weight is not None, TRAINING=bool(training), RELU=bool(relu), NEED_DRES=bool(need_dres),
+        **flat_meta, **_LAUNCH)
     return dz, dgamma, dbeta, dres

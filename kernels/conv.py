@@ -71,6 +71,10 @@ def _pair(v: IntPair, name: str) -> Tuple[int, int]:
     return v
 
 
+_HASHABLE = (int, tuple)
+_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def _hashable(v):
     """stride / padding / dilation as given (int or sequence), as a hashable cache-key part."""
     return v if isinstance(v, int) else tuple(v)
@@ -138,10 +142,8 @@ def _supports(xshape, xdtype, xdevice, wshape, wdtype, wdevice, stride, padding,
     return None
 
 
-def _param(t: Optional[Tensor], name: str, cout: int, device: torch.device) -> Optional[Tensor]:
+def _param(t: Tensor, name: str, cout: int, device: torch.device) -> Tensor:
     """A per-channel vector as fp32 contiguous, checked."""
-    if t is None:
-        return None
     if not isinstance(t, Tensor) or not t.is_floating_point():
         raise TypeError(f"conv2d_nhwc: expected {name} to be a floating-point tensor, got "
                         f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
@@ -224,22 +226,31 @@ def conv2d_nhwc(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, str
     fastres.kernels.alloc.empty; partials a (T, 3, Cout) fp32 tensor, T = cdiv(N*Ho*Wo, BLOCK_M), holding
     [count, mean, M2] of each M tile per channel (count = valid rows of the tile), or None.
     """
-    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)
-            and (residual is None or isinstance(residual, Tensor))):
+    t_ = _TENSOR_TYPES   # (a type() test is cheaper than isinstance: the two usual types go first)
+    if not ((type(x) in t_ or isinstance(x, Tensor)) and (type(weight) in t_ or isinstance(weight, Tensor))
+            and (residual is None or type(residual) in t_ or isinstance(residual, Tensor))):
         for name, t, what in (("input", x, "a 4-D input (N, Cin, H, W)"), ("weight", weight, "a 4-D weight "
                               "(Cout, Cin, kh, kw)"), ("residual", residual, "residual as a tensor")):
             if not isinstance(t, Tensor) and (t is not None or name != "residual"):
                 raise ValueError(f"conv2d_nhwc: expected {what}, got {type(t).__name__}")
+    h = _HASHABLE   # stride / padding / dilation as they come (ints or tuples) are a key already
     plan = _launch_plan(
-        x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, _hashable(stride),
-        _hashable(padding), _hashable(dilation),
+        x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+        stride if type(stride) in h else _hashable(stride), padding if type(padding) in h else _hashable(padding),
+        dilation if type(dilation) in h else _hashable(dilation),
         None if residual is None else (residual.shape, residual.dtype, residual.device, residual.stride()),
         bias is not None, scale is not None, shift is not None, bool(relu), bool(want_stats),
-        bool(torch.backends.cudnn.allow_tf32), x.device.type == "cpu" and interpreter_active())
+        # TF32 decides the precision of fp32 on a GPU only: elsewhere the plan does not read it (False)
+        x.dtype is torch.float32 and x.is_cuda and bool(torch.backends.cudnn.allow_tf32),
+        x.device.type == "cpu" and interpreter_active())
     dev = x.device
     cout = plan.out_shape[1]
-    bias, scale, shift = _param(bias, "bias", cout, dev), _param(scale, "scale", cout, dev), \
-        _param(shift, "shift", cout, dev)
+    if bias is not None:
+        bias = _param(bias, "bias", cout, dev)
+    if scale is not None:
+        scale = _param(scale, "scale", cout, dev)
+    if shift is not None:
+        shift = _param(shift, "shift", cout, dev)
     if plan.s2d:
         xc, wmat = s2d_input(x, plan.padding), s2d_weight(weight)
     else:

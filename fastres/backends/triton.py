@@ -65,11 +65,6 @@ def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, **epilogue):
-    return conv2d_nhwc(x, weight, bias, stride=list(stride), padding=list(padding), dilation=list(dilation),
-                       **epilogue)
-
-
 def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                         bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                         running_var: Optional[Tensor], residual: Optional[Tensor], stride: List[int],
@@ -80,7 +75,8 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     fmt = memory_format_of(x)
     save = bool(relu and save_mask)
     if training:
-        z, partials = _conv(x, weight, bias, stride, padding, dilation, want_stats=True)
+        z, partials = conv2d_nhwc(x, weight, bias, stride=tuple(stride), padding=tuple(padding),
+                                  dilation=tuple(dilation), want_stats=True)
         mean, invstd = bn_finalize(partials, running_mean, running_var, momentum, eps)
         z = _in_format(z, fmt)
         y, mask = bn_apply(z, mean, invstd, bn_weight, bn_bias, residual, relu, save)
@@ -96,8 +92,8 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     scale = invstd if bn_weight is None else invstd * bn_weight.float()
     off = -mean if bias is None else bias.float() - mean
     shift = off * scale if bn_bias is None else bn_bias.float() + off * scale
-    y, _ = _conv(x, weight, None, stride, padding, dilation, scale=scale, shift=shift, residual=residual,
-                 relu=relu)
+    y, _ = conv2d_nhwc(x, weight, None, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+                       scale=scale, shift=shift, residual=residual, relu=relu)
     y = _in_format(y, fmt)
     mask = pack_mask(y) if save else x.new_empty(0, dtype=torch.uint8)
     return y, x.new_empty(0), mean, invstd, mask
@@ -111,7 +107,7 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
     """(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual) as fastres.ops.reference.conv_bn_act_backward."""
     fmt = memory_format_of(x)
     if not training:  # z is not saved in eval mode: recompute it (conv + bias, no epilogue)
-        z, _ = _conv(x, weight, bias, stride, padding, dilation)
+        z, _ = conv2d_nhwc(x, weight, bias, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
     z = _in_format(z, fmt)
     dz, sum_gx, sum_g, dres = bn_backward(grad_y, z, mask, mean, invstd, bn_weight, training, relu,
                                           bool(needs[5]))
