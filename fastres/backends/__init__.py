@@ -30,7 +30,9 @@ dilation, groups, training, relu, needs) -> (dx, dweight, dbias, dbn_weight, dbn
     format (dbn_weight/dbn_bias in bn_weight's dtype, else stats_dtype), a fresh empty tensor where
     needs is False. The common tail (conv backward + output formats) is fastres/backends/common.py.
 ``conv_bn_act_supports(x, weight, residual, stride, padding, dilation, groups, training, relu) -> Optional[str]``
-    None when the backend's kernels cover the call, else a short reason: the call then runs on
+    None when the backend's kernels cover the call, else a short reason, decided from the tensors'
+    metadata only (shape, strides, dtype, device; never their values: fastres/ops/conv_bn_act.py
+    remembers the answer per metadata key): the call then runs on
     torch, logged at DEBUG on the ``fastres`` logger and counted in :data:`calls` as
     (op, phase, "<name>->torch").
 
@@ -69,6 +71,7 @@ __all__ = [
     "resolve_cached",
     "implementation",
     "choose",
+    "log_handover",
     "count",
     "module",
     "runs_here",
@@ -271,13 +274,17 @@ def choose(op: str, phase: str, device: _torch.device, counted: bool = True, ate
     if name != "torch":
         why = [aten_reason] if aten_reason is not None else reasons(name, op, **call)
         if why:
-            if not _torch.compiler.is_compiling():   # (a logging call would break the graph)
-                log.debug("fastres %s %s: %s backend does not cover this call (%s); running torch",
-                          op, phase, name, "; ".join(why))
+            log_handover(op, phase, name, "; ".join(why))
             ran, name = f"{name}->torch", "torch"
     if counted:
         count(op, phase, ran)
     return name
+
+
+def log_handover(op: str, phase: str, name: str, why: str) -> None:
+    """The DEBUG line of a call handed from backend `name` to torch (not while torch.compile traces)."""
+    if not _torch.compiler.is_compiling():   # (a logging call would break the graph)
+        log.debug("fastres %s %s: %s backend does not cover this call (%s); running torch", op, phase, name, why)
 
 
 def implementation(op: str, phase: str, device: _torch.device, **call) -> Tuple[str, Callable]:

@@ -8,7 +8,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["eager", "aten_reason", "autocast_operands"]
+__all__ = ["eager", "plain_eager", "aten_reason", "autocast_operands"]
 
 
 def eager() -> bool:
@@ -16,6 +16,15 @@ def eager() -> bool:
     eager execution. Under torch.compile / torch.export tracing, or with a TorchDispatchMode active
     (FlopCounterMode, fake tensors, a profiler's mode), the custom op must be what is seen."""
     return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def plain_eager() -> bool:
+    """eager(), and none of the states that make aten_reason() hand a call to aten ops (a torch.func
+    transform, torch.export, torch.jit.trace): a fused call may then take its remembered plan. The
+    per-call part of that decision (what the metadata does not hold), so it is read on every call."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None and not torch.compiler.is_exporting()
+            and not torch._C._is_tracing())
 
 
 def _functorch_active() -> bool:

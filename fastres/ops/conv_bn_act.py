@@ -23,17 +23,17 @@ What the forward saves for backward, and why:
 """
 from __future__ import annotations
 
-import functools
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
-from fastres.errors import InputDtypeError, InputShapeError
+from fastres.errors import InputDtypeError
 from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
-from fastres.ops.common import aten_reason, autocast_operands, eager
+from fastres.ops.common import aten_reason, autocast_operands, eager, plain_eager
+from fastres.ops.conv_bn_act_checks import IntPair, conv_spec, explain
 
 Tensor = torch.Tensor
 OP = "conv_bn_act"
@@ -129,16 +129,26 @@ class _ConvBNAct(torch.autograd.Function):
     inputs, so it can itself be differentiated."""
 
     @staticmethod
-    def forward(ctx, name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+    def forward(ctx, choice, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
                 padding, dilation, groups, training, momentum, eps, relu):
-        save_mask = relu and any(ctx.needs_input_grad)
-        args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                dilation, groups, training, momentum, eps, relu, save_mask)
-        if eager():   # the backend conv_bn_act() chose (and counted): no second choice
-            y, z, mean, invstd, mask = backend.module(name).conv_bn_act_forward(*args)
-        else:
-            y, z, mean, invstd, mask = torch.ops.fastres.conv_bn_act(*args)
-        ctx.backend = name
+        # choice: the _CallPlan conv_bn_act() took in plain eager mode (backend, x's format; it counted the
+        # call), or the backend's name (traced, or a call the plans do not take): no second choice either way.
+        if type(choice) is str:
+            name, mod, fmt = choice, None, memory_format_of(x)
+            save_mask = relu and any(ctx.needs_input_grad)
+            args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                    dilation, groups, training, momentum, eps, relu, save_mask)
+            if eager():
+                mod = backend.module(name)
+                y, z, mean, invstd, mask = mod.conv_bn_act_forward(*args)
+            else:
+                y, z, mean, invstd, mask = torch.ops.fastres.conv_bn_act(*args)
+        else:   # (a plan only takes this Function when an input needs a gradient: the mask is needed)
+            name, mod, fmt = choice.name, choice.mod, choice.fmt
+            y, z, mean, invstd, mask = mod.conv_bn_act_forward(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                dilation, groups, training, momentum, eps, relu, relu)
+        ctx.backend, ctx.mod, ctx.fmt = name, mod, fmt
         ctx.conv = (stride, padding, dilation, groups)
         ctx.training, ctx.relu, ctx.eps = training, relu, eps
         ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None, residual is not None)
@@ -151,8 +161,8 @@ class _ConvBNAct(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias, bn_weight, bn_bias, residual, z, mask, mean, invstd = ctx.saved_tensors
         has_bias, has_gamma, has_beta, has_res = ctx.has
-        ni = ctx.needs_input_grad[1:]   # (the first argument is the backend's name)
-        needs = [ni[0], ni[1], has_bias and ni[2], has_gamma and ni[3], has_beta and ni[4], has_res and ni[7]]
+        ni = ctx.needs_input_grad   # (the first argument is the choice)
+        needs = [ni[1], ni[2], has_bias and ni[3], has_gamma and ni[4], has_beta and ni[5], has_res and ni[8]]
         if grad_y is None or not any(needs):
             return (None,) * 17
         stride, padding, dilation, groups = ctx.conv
@@ -160,15 +170,18 @@ class _ConvBNAct(torch.autograd.Function):
             dx, dw, db, dg, dbeta, dres = _differentiable_backward(
                 ctx, grad_y, needs, x, weight, bias, bn_weight, bn_bias, residual)
         else:
-            bargs = (grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation,
-                     groups, ctx.training, ctx.relu, needs)
-            if eager():
-                backend.count(OP, "backward", ctx.backend)
-                grads = backend.module(ctx.backend).conv_bn_act_backward(
-                    grad_y.contiguous(memory_format=memory_format_of(x)), *bargs[1:])
+            if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:   # eager()
+                # (count(), without its tracing checks: this is no trace)
+                backend.calls[(OP, "backward", ctx.backend)] += 1
+                mod = ctx.mod if ctx.mod is not None else backend.module(ctx.backend)
+                grads = mod.conv_bn_act_backward(
+                    grad_y.contiguous(memory_format=ctx.fmt), x, weight, bias, z, mask, mean, invstd, bn_weight,
+                    stride, padding, dilation, groups, ctx.training, ctx.relu, needs)
             else:
-                grads = torch.ops.fastres.conv_bn_act_backward(*bargs)
-            dx, dw, db, dg, dbeta, dres = (g if need else None for g, need in zip(grads, needs))
+                grads = torch.ops.fastres.conv_bn_act_backward(
+                    grad_y, x, weight, bias, z, mask, mean, invstd, bn_weight, stride, padding, dilation, groups,
+                    ctx.training, ctx.relu, needs)
+            dx, dw, db, dg, dbeta, dres = [g if need else None for g, need in zip(grads, needs)]
         return (None, dx, dw, db, dg, dbeta, None, None, dres) + (None,) * 8
 
 
@@ -185,131 +198,6 @@ def _differentiable_backward(ctx, grad_y, needs, x, weight, bias, bn_weight, bn_
                                           padding, dilation, groups, ctx.training, 0.0, ctx.eps, ctx.relu)
         got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
     return [next(got) if need else None for need in needs]
-
-
-IntPair = Union[int, Sequence[int]]
-
-
-class ConvSpec(NamedTuple):
-    """The convolution's arguments as one typed record (what travels from a module to a backend;
-    flattened only at the torch.library boundary, whose schema takes int[] lists)."""
-    stride: List[int]
-    padding: List[int]
-    dilation: List[int]
-    groups: int
-
-
-def _pair(v: IntPair, name: str) -> List[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = list(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
-        raise ValueError(f"conv_bn_act: {name} must be an int or a pair of ints, got {v!r}")
-    return v
-
-
-@functools.lru_cache(maxsize=1024)
-def _spec(stride, padding, dilation, groups) -> ConvSpec:
-    return ConvSpec(_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups)
-
-
-def conv_spec(stride: IntPair, padding: IntPair, dilation: IntPair, groups: int) -> ConvSpec:
-    """The checked ConvSpec of these arguments, remembered per value (a pure function of them). Its
-    lists are shared between calls: nothing in fastres mutates them, and they never reach a user."""
-    try:
-        return _spec(stride if isinstance(stride, int) else tuple(stride),
-                     padding if isinstance(padding, int) else tuple(padding),
-                     dilation if isinstance(dilation, int) else tuple(dilation), groups)
-    except TypeError:   # an unhashable element: checked (and rejected) without the cache
-        return _spec.__wrapped__(stride, padding, dilation, groups)
-
-
-def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-           stride, padding, dilation, groups: int, training: bool) -> None:
-    """Raise the error that says what was expected for a bad call. What it checks is the tensors'
-    metadata (shape, dtype, device), so a call that passed is remembered per metadata key (_checked);
-    symbolic sizes (tracing) or non-tensor arguments are checked without it."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"conv_bn_act: expected a 4-D tensor input (N, C, H, W), got {type(x).__name__}")
-    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
-    try:
-        metas = [None if t is None else (t.shape, t.dtype, t.device) for t in tensors]
-        _checked(*metas, tuple(stride), tuple(padding), tuple(dilation), groups, bool(training))
-        return
-    except (AttributeError, TypeError):   # (an unhashable key, or a bad call: checked again below)
-        pass
-    _check_tensors(*tensors, stride, padding, dilation, groups, training)
-
-
-class _Meta:
-    """A tensor's metadata standing in for it in _check_tensors (what the checks read)."""
-    __slots__ = ("shape", "dtype", "device")
-
-    def __init__(self, meta):
-        self.shape, self.dtype, self.device = meta
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def is_floating_point(self) -> bool:
-        return self.dtype.is_floating_point
-
-
-@functools.lru_cache(maxsize=4096)
-def _checked(*key) -> bool:
-    metas, rest = key[:8], key[8:]
-    _check_tensors(*(None if m is None else _Meta(m) for m in metas), *rest)
-    return True
-
-
-def _check_tensors(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                   stride, padding, dilation, groups: int, training: bool) -> None:
-    if x.dim() != 4:
-        raise InputShapeError(f"conv_bn_act: expected a 4-D input (N, C, H, W), got {x.dim()}-D input")
-    if not x.is_floating_point():
-        raise InputDtypeError(f"conv_bn_act: expected a floating-point input (float32, float16, bfloat16 or float64), "
-                        f"got {x.dtype}")
-    if weight.dim() != 4:
-        raise InputShapeError(f"conv_bn_act: expected a 4-D weight (Cout, Cin/groups, kH, kW), got {weight.dim()}-D")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise InputShapeError(f"conv_bn_act: expected input with {weight.shape[1] * groups} channels "
-                         f"(weight {tuple(weight.shape)}, groups={groups}), got input of shape {tuple(x.shape)} "
-                         f"with {x.shape[1]} channels")
-    for name, t in (("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("running_mean", running_mean), ("running_var", running_var), ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"conv_bn_act: expected {name} on the input's device {x.device}, got {t.device}")
-    c = weight.shape[0]
-    for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (c,):
-            raise InputShapeError(f"conv_bn_act: expected {name} of shape ({c},), got {tuple(t.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise InputShapeError("conv_bn_act: running_mean and running_var must be given together")
-    if not training and running_mean is None:
-        raise InputShapeError("conv_bn_act: eval mode (training=False) needs running_mean and running_var")
-    shape = conv_out_shape(x.shape, weight.shape, stride, padding, dilation)
-    if shape[2] <= 0 or shape[3] <= 0:
-        raise InputShapeError(f"conv_bn_act: input {tuple(x.shape)} is too small for a {tuple(weight.shape[2:])} "
-                         f"kernel with padding {padding}, dilation {dilation}")
-    if residual is not None and list(residual.shape) != shape:
-        raise InputShapeError(f"conv_bn_act: expected residual of shape {tuple(shape)} (the conv output), "
-                         f"got {tuple(residual.shape)}")
-    if training and shape[0] * shape[2] * shape[3] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{torch.Size(shape)}")
-
-
-def explain(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-            stride, padding, dilation, groups: int, training: bool) -> None:
-    """Raise the error that says what was expected for a bad call (nothing when the call is good)."""
-    _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-           dilation, groups, training)
-    dev = x.device.type
-    if not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)) and weight.dtype != x.dtype:
-        raise InputDtypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
-                        f"(float32, float16, bfloat16 and float64 work; use autocast or convert the model "
-                        f"with .to(dtype))")
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
@@ -329,6 +217,21 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
     a bad call is explained by :func:`explain` when aten rejects it. On a fused backend the inputs are
     checked first, then the kernels run through _ConvBNAct.
     """
+    if type(x) in _TENSOR_TYPES or isinstance(x, Tensor):
+        try:
+            name = backend.resolve_cached(OP, x.device)
+        except backend.BackendUnavailableError:
+            name = "torch"   # (the general path below raises it, after the checks that come first)
+        if name != "torch" and plain_eager():
+            return _planned(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                            stride, padding, dilation, groups, training, momentum, eps, relu)
+    return _general(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                    dilation, groups, training, momentum, eps, relu)
+
+
+def _general(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+             groups, training, momentum, eps, relu) -> Tensor:
+    """conv_bn_act decided afresh: the torch backend, tracing, and calls the plans do not take."""
     stride, padding, dilation, groups = conv_spec(stride, padding, dilation, groups)
     if not isinstance(x, Tensor) or x.dim() != 4:
         explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
@@ -342,6 +245,13 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
                           padding, dilation, groups, training, momentum, eps, relu)
     else:
         backend.count(OP, "forward", "torch")
+    return _aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                 dilation, groups, training, momentum, eps, relu)
+
+
+def _aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+          groups, training, momentum, eps, relu) -> Tensor:
+    """The call as aten ops (the torch backend, or a hand-over), its errors explained."""
     if residual is not None and list(residual.shape) != conv_out_shape(x.shape, weight.shape, stride, padding,
                                                                        dilation):
         explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
@@ -373,3 +283,93 @@ def _fused(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     return _ConvBNAct.apply(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                             stride, padding, dilation, int(groups), bool(training), float(momentum),
                             float(eps), bool(relu))
+
+
+# ---- plans: what a call decides, remembered per key ----------------------------------------------
+# In plain eager mode (fastres.ops.common.plain_eager: read per call), everything conv_bn_act decides
+# before its kernels run is a function of the key below: the conv arguments' checks and ConvSpec, the
+# input checks (metadata: explain), the backend's answer (supports: metadata, by the contract), the
+# autocast dtype and the residual's dtype after it, whether an autograd node is needed (grad mode,
+# requires_grad), and x's memory format after autocast (shape and strides). The key holds each tensor's
+# (shape, strides, dtype, device, requires_grad), the backend module resolved for (op, device, the
+# user's choice), grad mode, the autocast dtype, and the plain arguments as given. Nothing in a plan is
+# derived from a tensor's values. A bad call raises while its plan is built, and is never remembered.
+
+_TENSOR_TYPES = (Tensor, torch.nn.Parameter)   # (a type() test is cheaper than isinstance: these go first)
+_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+class _CallPlan(NamedTuple):
+    name: str                            # the backend that runs the call ("torch" for a hand-over)
+    mod: object                          # its module
+    counted: Tuple[str, str, str]        # the key of fastres.backends.calls this call counts under
+    why: Optional[str]                   # a hand-over's reason (logged per call, as choose() does)
+    spec: tuple                          # the checked ConvSpec
+    cast: Optional[torch.dtype]          # autocast's dtype for x, weight, bias and residual, or None
+    autograd: bool                       # through _ConvBNAct (grad mode on, an input requires grad)
+    fmt: torch.memory_format             # x's memory format (after autocast): grad_y's in backward
+
+
+def _planned(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+             dilation, groups, training, momentum, eps, relu) -> Tensor:
+    mod = backend.module(name)
+    dev = x.device.type
+    cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    grad = torch.is_grad_enabled()
+    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
+    try:
+        key = (mod, grad, cast, stride, padding, dilation, groups, training, relu,
+               *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors])
+        plan = _PLANS[key]
+    except KeyError:
+        plan = None
+    except (AttributeError, TypeError):   # a non-tensor argument, an unhashable conv argument (a list)
+        return _general(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                        padding, dilation, groups, training, momentum, eps, relu)
+    if plan is None:
+        plan = _plan(name, mod, cast, grad, *tensors, stride, padding, dilation, groups, training, relu)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    backend.calls[plan.counted] += 1   # (count(), without its tracing checks: plain eager traces nothing)
+    stride, padding, dilation, groups = plan.spec
+    if plan.why is not None:
+        backend.log_handover(OP, "forward", name, plan.why)
+        return _aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+                     dilation, groups, training, momentum, eps, relu)
+    if plan.cast is not None:
+        dt = plan.cast
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        residual = None if residual is None else residual.to(dt)
+    if plan.autograd:
+        return _ConvBNAct.apply(plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                                stride, padding, dilation, groups, bool(training), float(momentum), float(eps),
+                                bool(relu))
+    # nothing to differentiate: the backend's forward directly, no autograd node, no ReLU mask
+    return plan.mod.conv_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                                        stride, padding, dilation, groups, bool(training), float(momentum),
+                                        float(eps), bool(relu), False)[0]
+
+
+def _plan(name, mod, cast, grad, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+          padding, dilation, groups, training, relu) -> _CallPlan:
+    """The decisions of _general for a call of this key, in its order, with its errors (which raise)."""
+    spec = conv_spec(stride, padding, dilation, groups)
+    stride, padding, dilation, groups = spec
+    if x.dim() != 4:
+        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *spec, training)
+    why = aten_reason(x)   # (in plain eager mode: only meta tensors)
+    if why is None:
+        why = "; ".join(backend.reasons(name, OP, **_support_args(
+            x, weight, residual, stride, padding, dilation, groups, training, relu))) or None
+    if why is not None:   # handed to torch, as backend.choose() hands it
+        return _CallPlan("torch", None, (OP, "forward", f"{name}->torch"), why, spec, None, False,
+                         memory_format_of(x))
+    explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *spec, training)
+    x, weight, bias, residual = autocast_operands(x.device.type, (x, weight, bias, residual))
+    if residual is not None and residual.dtype != x.dtype:
+        raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
+    autograd = grad and any(t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual))
+    return _CallPlan(name, mod, (OP, "forward", name), None, spec, cast, autograd, memory_format_of(x))
