@@ -127,45 +127,83 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
     """act(bn(conv(x)) (+ residual)), fused; bn's running statistics are updated as nn.BatchNorm2d does.
 
     Runs the two modules themselves (exact, hooks honoured) when they cannot be fused, carry hooks, are
-    being traced by torch.fx, or are a SyncBatchNorm training across processes."""
-    why = unfusable_reason(conv, bn)
-    if why is None and plain_forward_needed(conv, bn):
-        why = "hooks, or torch.fx tracing"
-    if why is None and _needs_sync(bn):
-        why = "SyncBatchNorm training across processes"
+    being traced by torch.fx, or are a SyncBatchNorm training across processes. All of it is checked on
+    every call (a module's attributes, hooks and class can change between calls)."""
+    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
+        # The usual pair, checked by attribute reads: unfusable_reason's structural checks (its class
+        # checks hold by the exact types), plain_forward_needed (no SyncBatchNorm, no frozen BN here).
+        why = (None if conv.padding_mode == "zeros" and type(conv.padding) is not str
+               and conv.out_channels == bn.num_features else unfusable_reason(conv, bn))
+        if why is None and (_pair_hooked(conv, bn) or is_fx_tracing()):
+            why = "hooks, or torch.fx tracing"
+        frozen, plain = False, True
+    else:
+        plain = False
+        why = unfusable_reason(conv, bn)
+        if why is None and plain_forward_needed(conv, bn):
+            why = "hooks, or torch.fx tracing"
+        if why is None and _needs_sync(bn):
+            why = "SyncBatchNorm training across processes"
+        frozen = why is None and is_frozen_bn(bn)
     if why is not None:
         if not torch.compiler.is_compiling() and not is_fx_tracing():
             backend.log.debug("fastres conv_bn_act: running unfused: %s", why)
         return _unfused(x, conv, bn, residual, relu)
-    if x.dim() != 4:
-        if x.dim() == 3:   # conv2d takes an unbatched input; nn.BatchNorm2d then rejects it with this error
+    if x.ndim != 4:
+        if x.ndim == 3:   # conv2d takes an unbatched input; nn.BatchNorm2d then rejects it with this error
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         raise InputShapeError(f"expected a 4-D input (N, C, H, W) for {type(conv).__name__}, got {x.dim()}-D input "
                               f"of shape {tuple(x.shape)}")
-    if is_frozen_bn(bn):  # always eval-mode BatchNorm with its buffers as the affine parameters
+    if frozen:  # always eval-mode BatchNorm with its buffers as the affine parameters
         return _eval(x, conv, bn, residual, relu, bn.eps)
-    batch_stats, keep, factor, count = _bn_rules(bn)
+    weight, bias, gamma, beta, rm, rv, tracked = (
+        _tensors(conv, bn) if plain else
+        (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked))
+    batch_stats, keep, factor, count = _bn_rules(bn, tracked)
     if not batch_stats:
-        return _eval(x, conv, bn, residual, relu, bn.eps)
+        return _eval(x, conv, bn, residual, relu, bn.eps, (weight, bias, gamma, beta, rm, rv))
     y = conv_bn_act(
-        x, conv.weight, conv.bias, bn.weight, bn.bias,
-        bn.running_mean if keep else None, bn.running_var if keep else None, residual,
+        x, weight, bias, gamma, beta, rm if keep else None, rv if keep else None, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
         training=True, momentum=factor, eps=bn.eps, relu=relu)
     if count:
-        bn.num_batches_tracked.add_(1)
+        tracked.add_(1)
     return y
 
 
-def _bn_rules(bn: nn.Module):
+def _pair_hooked(conv: nn.Module, bn: nn.Module) -> bool:
+    """hooked(conv, bn), in attribute reads."""
+    h = _hooks
+    return bool(h._global_forward_hooks or h._global_forward_pre_hooks or h._global_backward_hooks
+                or h._global_backward_pre_hooks
+                or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
+                or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks)
+
+
+def _tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    of an exact nn.Conv2d and
+    nn.BatchNorm2d, read on every call from the modules' parameter and buffer tables, where
+    Module.__setattr__ keeps them: what Module.__getattr__ returns, without its call. A name not in its
+    table (deleted, or set again as a plain attribute) is read as the attribute."""
+    try:
+        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+        return (cp["weight"], cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
+                bb["num_batches_tracked"])
+    except KeyError:
+        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                bn.num_batches_tracked)
+
+
+def _bn_rules(bn: nn.Module, tracked: Optional[Tensor]):
     """nn.BatchNorm2d.forward's rules, step for step, as (use batch statistics, keep running statistics,
     the effective momentum, whether num_batches_tracked moves). num_batches_tracked moves only once the
     call has been accepted (torchvision's conv rejects a bad input before its BatchNorm runs), so the
-    momentum=None factor is computed with its next value."""
+    momentum=None factor is computed with its next value. tracked: bn.num_batches_tracked."""
     factor = 0.0 if bn.momentum is None else bn.momentum
-    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    count = bn.training and bn.track_running_stats and tracked is not None
     if count and bn.momentum is None:
-        factor = 1.0 / (float(bn.num_batches_tracked) + 1.0)
+        factor = 1.0 / (float(tracked) + 1.0)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep = not bn.training or bn.track_running_stats
     return batch_stats, keep, factor, count
@@ -185,7 +223,7 @@ def bn_act_modules(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, 
     if is_frozen_bn(bn):
         return bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual, training=False, momentum=0.0,
                       eps=bn.eps, relu=relu)
-    batch_stats, keep, factor, count = _bn_rules(bn)
+    batch_stats, keep, factor, count = _bn_rules(bn, bn.num_batches_tracked)
     y = bn_act(x, bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None, residual,
                training=batch_stats, momentum=factor, eps=bn.eps, relu=relu)
     if count:
@@ -193,9 +231,11 @@ def bn_act_modules(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, 
     return y
 
 
-def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool, eps: float) -> Tensor:
+def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool, eps: float,
+          tensors: Optional[tuple] = None) -> Tensor:
     """Eval-mode BatchNorm (running statistics): the fused op, which on the torch backend is torchvision's
-    own conv2d -> batch_norm -> add -> relu, read from the live tensors on every call. Inside
+    own conv2d -> batch_norm -> add -> relu, read from the live tensors on every call (`tensors`: conv.weight,
+    conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var as this call read them). Inside
     :func:`fastres.frozen` the torch backend folds BatchNorm into the conv once instead
     (fastres.backends.torch.conv_bn_act_frozen)."""
     if aten_backend.frozen_active(bn) and not torch.compiler.is_compiling() and aten_reason(x) is None \
@@ -204,10 +244,11 @@ def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor],
         if y is not None:
             backend.count("conv_bn_act", "forward", "torch")
             return y
+    if tensors is None:
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     return conv_bn_act(
-        x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        training=False, momentum=0.0, eps=eps, relu=relu)
+        x, *tensors, residual, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        groups=conv.groups, training=False, momentum=0.0, eps=eps, relu=relu)
 
 
 class FusedConvBN2d(nn.Module):
@@ -244,7 +285,8 @@ class FusedConvBN2d(nn.Module):
         return self
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return conv_bn_act_modules(x, self.conv, self.bn, residual, self.relu)
+        mods = self._modules   # (self.conv and self.bn, which Module.__setattr__ keeps here)
+        return conv_bn_act_modules(x, mods["conv"], mods["bn"], residual, self.relu)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"

@@ -144,14 +144,14 @@ def _supports(xshape, xdtype, xdevice, wshape, wdtype, wdevice, stride, padding,
 
 def _param(t: Tensor, name: str, cout: int, device: torch.device) -> Tensor:
     """A per-channel vector as fp32 contiguous, checked."""
-    if not isinstance(t, Tensor) or not t.is_floating_point():
+    if not (type(t) in _TENSOR_TYPES or isinstance(t, Tensor)) or not t.dtype.is_floating_point:
         raise TypeError(f"conv2d_nhwc: expected {name} to be a floating-point tensor, got "
                         f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
     if tuple(t.shape) != (cout,):
         raise ValueError(f"conv2d_nhwc: expected {name} of shape ({cout},), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"conv2d_nhwc: expected {name} on {device}, got {t.device}")
-    return t.to(torch.float32).contiguous()
+    return (t if t.dtype is torch.float32 else t.to(torch.float32)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and the outputs in their promised dtypes and memory formats (the contract in fas
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -11,7 +12,21 @@ from fastres.layout import memory_format_of
 
 Tensor = torch.Tensor
 
-__all__ = ["conv_bn_act_grads", "eval_stats"]
+__all__ = ["conv_bn_act_grads", "eval_stats", "format_of"]
+
+
+def format_of(t: Tensor) -> torch.memory_format:
+    """fastres.layout.memory_format_of(t), remembered per (shape, strides): what it reads (is_contiguous
+    decides from sizes and strides alone). Symbolic sizes (unhashable) are asked directly."""
+    try:
+        return _format_of(t.shape, t.stride())
+    except TypeError:
+        return memory_format_of(t)
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_of(shape, strides) -> torch.memory_format:
+    return memory_format_of(torch.empty_strided(shape, strides, device="meta"))
 
 
 def eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -35,21 +50,23 @@ def conv_bn_act_grads(dz: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     def empty() -> Tensor:  # a fresh one per output: custom-op outputs may not alias each other
         return x.new_empty(0)
 
-    dx, dw, db = empty(), empty(), empty()
     if need_dx or need_dw or need_db:
         xc, wc = (x, weight) if conv_layout is None else (x.contiguous(memory_format=conv_layout),
                                                           weight.contiguous(memory_format=conv_layout))
         gx, gw, gb = torch.ops.aten.convolution_backward(
             dz, xc, wc, [weight.shape[0]] if bias is not None else None,
             stride, padding, dilation, False, [0, 0], groups, [need_dx, need_dw, need_db])
-        if need_dx:
-            dx = gx.contiguous(memory_format=memory_format_of(x))
+        dx = gx.contiguous(memory_format=format_of(x)) if need_dx else empty()
         if need_dw:
-            dw = gw.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
-        if need_db:
-            db = gb.to(bias.dtype)
+            dw = (gw if gw.dtype == weight.dtype else gw.to(weight.dtype)).contiguous(
+                memory_format=format_of(weight))
+        else:
+            dw = empty()
+        db = (gb if gb.dtype == bias.dtype else gb.to(bias.dtype)) if need_db else empty()
+    else:
+        dx, dw, db = empty(), empty(), empty()
     pdtype = bn_weight.dtype if bn_weight is not None else sum_g.dtype
-    dgamma = sum_gx.to(pdtype) if need_dg else empty()
-    dbeta = sum_g.to(pdtype) if need_dbeta else empty()
-    dres = dres.contiguous(memory_format=memory_format_of(x)) if need_dres else empty()
+    dgamma = (sum_gx if sum_gx.dtype == pdtype else sum_gx.to(pdtype)) if need_dg else empty()
+    dbeta = (sum_g if sum_g.dtype == pdtype else sum_g.to(pdtype)) if need_dbeta else empty()
+    dres = dres.contiguous(memory_format=format_of(x)) if need_dres else empty()
     return dx, dw, db, dgamma, dbeta, dres

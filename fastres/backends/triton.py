@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fastres.backends.common import conv_bn_act_grads, eval_stats
+from fastres.backends.common import conv_bn_act_grads, eval_stats, format_of
 from fastres.kernels import interpreter_active
 from fastres.kernels.batchnorm import bn_apply, bn_backward, bn_finalize, bn_partials, pack_mask
 from fastres.kernels.conv import conv2d_nhwc, conv2d_nhwc_supports
@@ -61,10 +61,6 @@ def conv_bn_act_supports(x: Tensor, weight: Tensor, residual: Optional[Tensor], 
     return None
 
 
-def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
 def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                         bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                         running_var: Optional[Tensor], residual: Optional[Tensor], stride: List[int],
@@ -72,13 +68,13 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
                         momentum: float, eps: float, relu: bool, save_mask: bool
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, z, mean, invstd, mask) as fastres.ops.reference.conv_bn_act_forward."""
-    fmt = memory_format_of(x)
+    fmt = format_of(x)
     save = bool(relu and save_mask)
     if training:
         z, partials = conv2d_nhwc(x, weight, bias, stride=tuple(stride), padding=tuple(padding),
                                   dilation=tuple(dilation), want_stats=True)
         mean, invstd = bn_finalize(partials, running_mean, running_var, momentum, eps)
-        z = _in_format(z, fmt)
+        z = z.contiguous(memory_format=fmt)
         y, mask = bn_apply(z, mean, invstd, bn_weight, bn_bias, residual, relu, save)
         return y, z, mean, invstd, mask
 
@@ -94,7 +90,7 @@ def conv_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     shift = off * scale if bn_bias is None else bn_bias.float() + off * scale
     y, _ = conv2d_nhwc(x, weight, None, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
                        scale=scale, shift=shift, residual=residual, relu=relu)
-    y = _in_format(y, fmt)
+    y = y.contiguous(memory_format=fmt)
     mask = pack_mask(y) if save else x.new_empty(0, dtype=torch.uint8)
     return y, x.new_empty(0), mean, invstd, mask
 
@@ -105,10 +101,10 @@ def conv_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
                          training: bool, relu: bool, needs: List[bool]
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dbn_weight, dbn_bias, dresidual) as fastres.ops.reference.conv_bn_act_backward."""
-    fmt = memory_format_of(x)
+    fmt = format_of(x)
     if not training:  # z is not saved in eval mode: recompute it (conv + bias, no epilogue)
         z, _ = conv2d_nhwc(x, weight, bias, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation))
-    z = _in_format(z, fmt)
+    z = z.contiguous(memory_format=fmt)
     dz, sum_gx, sum_g, dres = bn_backward(grad_y, z, mask, mean, invstd, bn_weight, training, relu,
                                           bool(needs[5]))
     return conv_bn_act_grads(dz, x, weight, bias, sum_gx, sum_g, dres, bn_weight, stride, padding,
@@ -150,7 +146,7 @@ def bn_act_backward(grad_y: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invst
                     bn_weight: Optional[Tensor], training: bool, relu: bool, needs: List[bool]
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dbn_weight, dbn_bias, dresidual) as fastres.ops.reference.bn_act_backward."""
-    dz, sum_gx, sum_g, dres = bn_backward(_in_format(grad_y, memory_format_of(x)), x, mask, mean, invstd,
+    dz, sum_gx, sum_g, dres = bn_backward(grad_y.contiguous(memory_format=format_of(x)), x, mask, mean, invstd,
                                           bn_weight, training, relu, bool(needs[3]))
     pdtype = bn_weight.dtype if bn_weight is not None else sum_g.dtype
 

@@ -11,7 +11,8 @@ is a fresh empty tensor. Each dispatches at run time to the backend chosen in fa
 math is written out in fastres/ops/reference.py). :func:`conv_bn_act` below is the function users and
 modules call: on the torch backend it runs aten's ops directly (fastres/backends/torch.py); on a fused
 backend it validates its inputs with errors that say what was expected, applies autocast, and runs
-the kernels through _ConvBNAct (directly in eager mode, through the custom ops when traced).
+the kernels through _ConvBNAct (directly in eager mode, through the custom ops when traced). In plain
+eager mode those decisions are made once per key and remembered (the plans at the end of this file).
 
 What the forward saves for backward, and why:
 * x, weight (and conv bias): convolution_backward needs them for dW and dx (eager conv saves them too).
