@@ -158,7 +158,8 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
         return _eval(x, conv, bn, residual, relu, bn.eps)
     weight, bias, gamma, beta, rm, rv, tracked = (
         _tensors(conv, bn) if plain else
-        (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked))
+        (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+         getattr(bn, "num_batches_tracked", None)))
     batch_stats, keep, factor, count = _bn_rules(bn, tracked)
     if not batch_stats:
         return _eval(x, conv, bn, residual, relu, bn.eps, (weight, bias, gamma, beta, rm, rv))
@@ -172,7 +173,7 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
 
 
 def _pair_hooked(conv: nn.Module, bn: nn.Module) -> bool:
-    """hooked(conv, bn), in attribute reads."""
+    """hooked(conv, bn), as attribute reads (no calls: it runs on every fused call)."""
     h = _hooks
     return bool(h._global_forward_hooks or h._global_forward_pre_hooks or h._global_backward_hooks
                 or h._global_backward_pre_hooks
@@ -182,10 +183,9 @@ def _pair_hooked(conv: nn.Module, bn: nn.Module) -> bool:
 
 def _tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     """(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
-    of an exact nn.Conv2d and
-    nn.BatchNorm2d, read on every call from the modules' parameter and buffer tables, where
-    Module.__setattr__ keeps them: what Module.__getattr__ returns, without its call. A name not in its
-    table (deleted, or set again as a plain attribute) is read as the attribute."""
+    of an exact nn.Conv2d and nn.BatchNorm2d, read on every call from the modules' parameter and buffer
+    tables, where Module.__setattr__ keeps them: what Module.__getattr__ returns, without its call. A name
+    not in its table (deleted, or set again as a plain attribute) is read as the attribute."""
     try:
         cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
         return (cp["weight"], cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
