@@ -9,7 +9,8 @@ not), ``responses`` (Fig. 7: the std of the layer responses, and per-layer gradi
 
 One run's loop and checkpoints live in :mod:`fastres.train.trainer`, the figures in :mod:`fastres.train.plots`.
 A user error (unknown arch, missing data, batch size 1, an --out that cannot be written, an --out that
-already holds a checkpoint) stops with a one-line message and exit status 2 before anything is written.
+already holds a checkpoint, --cuda-graphs without a CUDA GPU) stops with a one-line message and exit
+status 2 before anything is written.
 """
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="autocast dtype (default: fp32)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each training step (forward, loss, backward, SGD step) from one CUDA graph "
+                        "(fastres.GraphedStep). Needs a CUDA GPU and one process; not with --compile or --amp "
+                        "fp16. A graph has fixed shapes: an epoch's last, partial batch runs eagerly (nothing is "
+                        "dropped: the same images as without the flag). The lr is baked into a graph (SGD reads "
+                        "a tensor lr on the host): the step is captured again whenever the schedule changes the "
+                        "lr, at most 4 times a run (plus once after --resume); each capture's 3 warm-up steps "
+                        "do not count (weights, BatchNorm statistics, momentum and data order are kept)")
     p.add_argument("--sync-bn", action="store_true",
                    help="convert BatchNorm to SyncBatchNorm (needs GPUs). NOTE: while training across "
                         "several processes, fastres then runs each conv and SyncBatchNorm UNFUSED "
@@ -131,6 +140,12 @@ def finish_args(a: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--lr must be a positive number, got {a.lr}")
     if a.shortcut is not None and a.arch.startswith("plain") and a.experiment is None:
         raise UserError(f"--shortcut {a.shortcut}: {a.arch} is a plain net, it has no shortcuts")
+    if a.cuda_graphs and a.compile:
+        raise UserError("--cuda-graphs and --compile: choose one (torch.compile(mode='reduce-overhead') makes its "
+                        "own CUDA graphs)")
+    if a.cuda_graphs and a.amp == "fp16":
+        raise UserError("--cuda-graphs does not run --amp fp16: its GradScaler checks for infs on the host every "
+                        "step, which a CUDA graph cannot; use --amp bf16")
     if a.data in ("cifar10", "imagefolder") and not a.data_dir:
         raise UserError(f"--data {a.data} needs --data-dir DIR")
     if a.out is None:
@@ -165,10 +180,24 @@ def set_threads(threads: Optional[int], dist: Dist) -> None:
         torch.set_num_threads(threads)
 
 
+def check_cuda_graphs(a: argparse.Namespace, dist: Dist) -> None:
+    """--cuda-graphs needs a CUDA device and a single process: say so before anything runs."""
+    if not a.cuda_graphs:
+        return
+    if a.device == "cpu":
+        raise UserError("--cuda-graphs needs a CUDA GPU: it does not run with --device cpu")
+    if dist.device.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU: none is available here (torch.cuda.is_available() is False)")
+    if dist.world > 1:
+        raise UserError(f"--cuda-graphs runs in one process, not {dist.world}: DistributedDataParallel's gradient "
+                        "all-reduce is not captured (drop --cuda-graphs or torchrun)")
+
+
 def main(argv: Optional[List[str]] = None):
     """Run as the command line would, raising UserError (and fdata.DataError) for bad input."""
     a = finish_args(parser().parse_args(argv))
     dist = Dist(a.device)
+    check_cuda_graphs(a, dist)
     set_threads(a.threads, dist)
     dist.start()
     try:

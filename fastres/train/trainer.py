@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import fastres
 from fastres.models.registry import get_model, list_models
 from fastres.train import data as fdata
+from fastres.train.graphed import GraphedTrainStep
 from fastres.train.plots import plot
 
 log = logging.getLogger("fastres.train")
@@ -240,6 +241,9 @@ class Trainer:
                 self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
         if a.compile:
             self.net = torch.compile(self.net)
+        # --cuda-graphs (one process, no --compile or fp16: the command line checks): see fastres.train.graphed
+        graphs = getattr(a, "cuda_graphs", False)
+        self.graphed = GraphedTrainStep(self.model, self.opt, self.amp_dtype) if graphs else None
         self._loaders(per_rank)
 
     def _model(self) -> nn.Module:
@@ -299,13 +303,10 @@ class Trainer:
             x = x.to(dist.device, non_blocking=True)
             y = y.to(dist.device, non_blocking=True)
             x = fdata.augment(x, self.data.pad, self.data.flip).contiguous(memory_format=self.fmt)
-            with self.autocast():
-                out = self.net(x)
-                loss = F.cross_entropy(out.float(), y)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            if self.graphed is not None and len(y) == a.batch_size:
+                out, loss = self.graphed(x, y)  # replayed from a CUDA graph (a partial batch runs eagerly)
+            else:
+                out, loss = self.step(x, y)
             li = loss.item()
             if not math.isfinite(li):
                 raise UserError(f"training diverged: loss {li} at epoch {epoch + 1} step {i + 1}; try a lower "
@@ -321,6 +322,17 @@ class Trainer:
         return dict(epoch=epoch + 1, lr=float(f"{first_lr:.6g}"), train_loss=loss_sum / seen, train_error=wrong / seen,
                     test_loss=test_loss, test_error=test_error, seconds=round(time.time() - t0, 2),
                     images_per_s=round(seen / train_time, 1))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """One eager training step; returns (output, loss)."""
+        with self.autocast():
+            out = self.net(x)
+            loss = F.cross_entropy(out.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return out, loss
 
     def save(self) -> None:
         a = self.a
@@ -338,7 +350,8 @@ class Trainer:
             log.info("%s on %s: %d epochs x %d steps of %d images per process (%d process%s), device %s, "
                      "backend %s, %d CPU thread%s, %.2fM parameters", a.arch, self.data.description, a.epochs,
                      self.steps_per_epoch, a.batch_size, dist.world, "es" if dist.world > 1 else "",
-                     dist.device, a.backend, torch.get_num_threads(), "s" if torch.get_num_threads() > 1 else "",
+                     f"{dist.device}{' with CUDA graphs' if self.graphed else ''}", a.backend,
+                     torch.get_num_threads(), "s" if torch.get_num_threads() > 1 else "",
                      sum(p.numel() for p in self.model.parameters()) / 1e6)
         t_start = time.time()
         try:
@@ -351,6 +364,9 @@ class Trainer:
             raise
         seconds = time.time() - t_start
         final = self.history[-1]
+        if dist.main and self.graphed is not None:
+            log.info("--cuda-graphs: the step was captured %d times (at lr %s)", len(self.graphed.lrs),
+                     ", ".join(f"{lr:.4g}" for lr in self.graphed.lrs))
         if dist.main:
             log.info("done: %s on %s: test accuracy %.2f%% (error %.2f%%) after %d epochs; %.1fs this run; "
                      "outputs in %s (log.csv, curves.png, checkpoint.pt)", a.arch, a.data,
