@@ -22,7 +22,7 @@ from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.errors import InputDtypeError, InputShapeError
 from fastres.layout import memory_format_of, stats_dtype
-from fastres.ops.common import aten_reason, autocast_operands, eager
+from fastres.ops.common import aten_reason, autocast_operands, differentiable_backward, eager
 
 Tensor = torch.Tensor
 OP = "bn_act"
@@ -94,15 +94,11 @@ class _BNAct(torch.autograd.Function):
         needs = [ni[0], has_gamma and ni[1], has_beta and ni[2], has_res and ni[5]]
         if grad_y is None or not any(needs):
             return (None,) * 11
-        if torch.is_grad_enabled():   # double backward: differentiate the aten form
-            rm, rv = ctx.running if ctx.running is not None else (None, None)
-            leaves = (x, bn_weight, bn_bias, residual)
-            wanted = [t for t, need in zip(leaves, needs) if need]
-            with torch.enable_grad():
-                y = aten_backend.bn_act_aten(x, bn_weight, bn_bias, rm, rv, residual, ctx.training, 0.0, ctx.eps,
-                                             ctx.relu)
-                got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-            dx, dg, db, dres = [next(got) if need else None for need in needs]
+        if torch.is_grad_enabled():   # create_graph=True: differentiate the aten form (fastres.ops.common)
+            dx, dg, db, dres = differentiable_backward(
+                lambda rm, rv: aten_backend.bn_act_aten(x, bn_weight, bn_bias, rm, rv, residual, ctx.training, 0.0,
+                                                        ctx.eps, ctx.relu),
+                ctx.running, (x, bn_weight, bn_bias, residual), needs, grad_y)
         else:
             bargs = (grad_y, x, mask, mean, invstd, bn_weight, ctx.training, ctx.relu, needs)
             if eager():

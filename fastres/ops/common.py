@@ -1,14 +1,15 @@
 """What every fused op shares, whatever it fuses: when a fused backend may run its kernels directly,
-why a call must run as aten ops instead, and autocast of the data operands."""
+why a call must run as aten ops instead, autocast of the data operands, and the differentiable backward
+(a backward run with create_graph=True)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["eager", "plain_eager", "aten_reason", "autocast_operands"]
+__all__ = ["eager", "plain_eager", "aten_reason", "autocast_operands", "differentiable_backward"]
 
 
 def eager() -> bool:
@@ -54,3 +55,22 @@ def autocast_operands(device_type: str, operands: Sequence[Optional[Tensor]]):
         return tuple(operands)
     dt = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dt) for t in operands)
+
+
+def differentiable_backward(aten_forward: Callable[[Optional[Tensor], Optional[Tensor]], Tensor],
+                            running: Optional[Sequence[Tensor]], leaves: Sequence[Optional[Tensor]],
+                            needs: Sequence[bool], grad_y: Tensor) -> List[Optional[Tensor]]:
+    """A fused op's backward as a differentiable function of grad_y and of its inputs (double backward,
+    gradient penalties, hvp): the forward recomputed from the saved inputs as aten ops,
+    aten_forward(running_mean, running_var), and differentiated with create_graph=True.
+
+    running: the (running_mean, running_var) an eval-mode forward normalised with (read, not mutated),
+    or None in training (batch statistics; the running ones are not passed, so not updated again).
+    leaves: the op's differentiable inputs, in the order of needs; returns a gradient per need (None
+    where not needed)."""
+    rm, rv = running if running is not None else (None, None)
+    wanted = [t for t, need in zip(leaves, needs) if need]
+    with torch.enable_grad():
+        y = aten_forward(rm, rv)
+        got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+    return [next(got) if need else None for need in needs]

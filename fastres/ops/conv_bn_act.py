@@ -33,7 +33,7 @@ from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.errors import InputDtypeError
 from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
-from fastres.ops.common import aten_reason, autocast_operands, eager, plain_eager
+from fastres.ops.common import aten_reason, autocast_operands, differentiable_backward, eager, plain_eager
 from fastres.ops.conv_bn_act_checks import IntPair, conv_spec, explain
 
 Tensor = torch.Tensor
@@ -167,9 +167,12 @@ class _ConvBNAct(torch.autograd.Function):
         if grad_y is None or not any(needs):
             return (None,) * 17
         stride, padding, dilation, groups = ctx.conv
-        if torch.is_grad_enabled():
-            dx, dw, db, dg, dbeta, dres = _differentiable_backward(
-                ctx, grad_y, needs, x, weight, bias, bn_weight, bn_bias, residual)
+        if torch.is_grad_enabled():   # create_graph=True: differentiate the aten form (fastres.ops.common)
+            dx, dw, db, dg, dbeta, dres = differentiable_backward(
+                lambda rm, rv: aten_backend.conv_bn_act_aten(
+                    x, weight, bias, bn_weight, bn_bias, rm, rv, residual, stride, padding, dilation, groups,
+                    ctx.training, 0.0, ctx.eps, ctx.relu),
+                ctx.running, (x, weight, bias, bn_weight, bn_bias, residual), needs, grad_y)
         else:
             if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:   # eager()
                 # (count(), without its tracing checks: this is no trace)
@@ -184,21 +187,6 @@ class _ConvBNAct(torch.autograd.Function):
                     ctx.training, ctx.relu, needs)
             dx, dw, db, dg, dbeta, dres = [g if need else None for g, need in zip(grads, needs)]
         return (None, dx, dw, db, dg, dbeta, None, None, dres) + (None,) * 8
-
-
-def _differentiable_backward(ctx, grad_y, needs, x, weight, bias, bn_weight, bn_bias, residual):
-    """The backward of conv_bn_act as a differentiable function of grad_y and of the inputs: the forward
-    recomputed from the saved inputs as aten ops (batch statistics, running ones untouched, in
-    training; the running statistics used in eval), differentiated with create_graph=True."""
-    stride, padding, dilation, groups = ctx.conv
-    rm, rv = ctx.running if ctx.running is not None else (None, None)
-    leaves = (x, weight, bias, bn_weight, bn_bias, residual)
-    wanted = [t for t, need in zip(leaves, needs) if need]
-    with torch.enable_grad():
-        y = aten_backend.conv_bn_act_aten(x, weight, bias, bn_weight, bn_bias, rm, rv, residual, stride,
-                                          padding, dilation, groups, ctx.training, 0.0, ctx.eps, ctx.relu)
-        got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-    return [next(got) if need else None for need in needs]
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
