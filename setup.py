@@ -170,6 +170,8 @@ setup(
         # the drop-in tests run fastres under the tools users bring: timm, ONNX (+ onnxruntime), Lightning
         "test": ["pytest", "pytest-benchmark", "torchvision", "scikit-learn", "tqdm", "matplotlib", "pillow",
                  "ruff", "timm", "onnx", "onnxscript", "onnxruntime", "lightning", "torchinfo"],
+        # the benchmark suite's onnxruntime baseline (its rows are skipped without these: fastres/bench/baselines.py)
+        "bench": ["pytest", "pytest-benchmark", "torchvision", "tqdm", "onnx", "onnxscript", "onnxruntime"],
     },
     ext_modules=ext_modules,
     cmdclass=_Optional.wrap(cmdclass),

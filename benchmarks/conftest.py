@@ -14,6 +14,8 @@ faster provider's round lasts about a millisecond), so pytest-benchmark's own st
 per-call figures are in extra_info (median_s, baseline_median_s, ratio = baseline / contender median,
 above 1 when fastres is faster, ratio_paired), with the environment (device, CPU model, cores, versions,
 git commit, CPU capability, date), the provider, the rates (GB/s, TFLOP/s, images/s) and peak GPU memory.
+At the end, the terminal summary prints the timed rows as `python -m fastres.bench` does (both medians, the
+ratio, and each provider's speed over eager where a case has several baselines).
 """
 import pytest
 import torch
@@ -23,6 +25,7 @@ from fastres.bench.config import setup_from_env
 from fastres.bench.environment import environment
 
 SETUP = setup_from_env()
+ROWS = []   # the timed rows, for the terminal summary
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -41,6 +44,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if ROWS:
+        terminalreporter.write_sep("-", "fastres.bench: per-call medians and ratios")
+        terminalreporter.write_line(bench_timing.table(ROWS))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -96,6 +105,9 @@ def run_case(benchmark, setup, env):
             times = [t / iterations for t in benchmark.stats.stats.data]
             fig = bench_timing.summary(times, base_times)
             info.update(fig, baseline_times_s=base_times, **case.rates(fig["median_s"]))
+            ROWS.append(dict(level=case.level, case=case.name, provider=case.provider, baseline=case.baseline,
+                             median_ms=fig["median_s"] * 1e3, baseline_median_ms=fig["baseline_median_s"] * 1e3,
+                             ratio=fig["ratio"], iterations=iterations, **case.rates(fig["median_s"])))
         info["peak_mem_mib"] = bench_timing.peak_memory(contender, setup)
         if setup.gpu and case.level == "ops":
             try:

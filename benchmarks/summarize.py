@@ -83,6 +83,33 @@ def level_table(rows, level, title):
     return lines + [""]
 
 
+def versus_eager_table(rows, level="models"):
+    """For cases timed against eager and other baselines (onnxruntime, compile+freezing, compile): every
+    provider's speed over eager's, eager median / provider median. A contender's median is the one of its
+    comparison with eager; the quotients span adjacent comparisons of one run (not alternated rounds)."""
+    by_case, baselines = defaultdict(dict), defaultdict(set)
+    for r in rows:
+        if r.get("level") != level:
+            continue
+        got, base = by_case[r["case"]], r.get("baseline", "eager")
+        baselines[r["case"]].add(base)
+        got.setdefault(base, r["baseline_median_s"])
+        if base == "eager" or r["provider"] not in got:
+            got[r["provider"]] = r["median_s"]
+    cases = {c: got for c, got in by_case.items() if "eager" in got and len(baselines[c]) > 1}
+    if not cases:
+        return []
+    providers = list(dict.fromkeys(p for got in cases.values() for p in got if p != "eager"))
+    head = ["case", "eager ms"] + [f"{p} / eager (ms)" for p in providers]
+    lines = ["### Speed over eager", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, got in cases.items():
+        cells = [case, _ms(got["eager"])]
+        cells += [f"**{got['eager'] / got[p]:.2f}x** ({_ms(got[p])})" if p in got else "-" for p in providers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Eager median / provider median in the same case: each provider's speed over eager's, "
+                        "across the case's comparisons above (adjacent in one run, not alternated).", ""]
+
+
 def parity_lines(folder):
     lines = []
     for path in sorted(glob.glob(os.path.join(folder, "parity-*.json"))):
@@ -121,6 +148,8 @@ def main(folder):
     out = [f"# fastres results: {os.path.basename(os.path.abspath(folder))}", ""] + header(env)
     for level, title in LEVELS:
         out += level_table(rows, level, title)
+        if level == "models":
+            out += versus_eager_table(rows)
     out += parity_lines(folder)
     for log in sorted(glob.glob(os.path.join(folder, "*.log"))):
         with open(log, errors="replace") as f:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from fastres.bench.baselines import EVAL_ONLY, FREEZING, ORT, onnx_missing
 from fastres.bench.config import Setup, compile_wanted, elt_size, is_compiled, is_fastres
 from fastres.bench.models import BLOCKS, make_block, make_model
 from fastres.bench.ops import HOST_KINDS, OP_KINDS, make_host, make_op, op_cost, resnet50_conv_shapes
@@ -43,10 +44,23 @@ class Case:
         return f"{self.name}-{self.provider}-vs-{self.baseline}".replace(" ", "-")
 
     def skip_reason(self, setup: Setup) -> Optional[str]:
-        if self.provider.endswith("+frozen") and (self.level != "models" or " infer " not in f" {self.name} "):
+        eval_row = self.level == "models" and " infer " in f" {self.name} "
+        if self.provider.endswith("+frozen") and not eval_row:
             return "fastres.frozen is an inference mode: model-level eval rows only"
-        if is_compiled(self.provider) or is_compiled(self.baseline):
-            why = compile_wanted(setup, self.representative)
+        pair = (self.provider, self.baseline)
+        for p in pair:
+            if p in EVAL_ONLY and not (eval_row and not setup.gpu):
+                return f"{p} is a CPU inference baseline: model-level eval rows on a CPU only"
+        if is_compiled(self.provider) or is_compiled(self.baseline) or FREEZING in pair:
+            # compile+freezing compiles one forward graph (seconds): every eval row unless compile='none'
+            why = compile_wanted(setup, self.representative or FREEZING in pair)
+            if why is not None:
+                return why
+        if ORT in pair:
+            why = onnx_missing()
+            if why is None and setup.quick and not self.representative:
+                why = ("onnxruntime limited to the representative rows in quick mode (an export each); "
+                       "FASTRES_BENCH_QUICK=0 times every eval row")
             if why is not None:
                 return why
         if self.level == "ops" and not self.name.startswith("host"):
@@ -80,10 +94,12 @@ def _rows(setup: Setup, level: str, archs: Optional[Sequence[str]]):
                 continue
             for fmt in spec.formats:
                 rep = fmt in spec.compile_formats
-                for mode, batches in (("train", (spec.train_batch,)), ("infer", spec.infer_batches)):
+                train = (spec.train_batch,) if spec.train_batch else ()
+                for mode, batches in (("train", train), ("infer", spec.infer_batches)):
                     for b in batches:
                         yield (f"{spec.arch} {mode} b{b} {spec.image}px {fmt}",
-                               lambda p, a=spec.arch, m=mode, b=b, f=fmt: make_model(a, m, b, p, setup, fmt=f),
+                               lambda p, a=spec.arch, m=mode, b=b, i=spec.image, f=fmt:
+                                   make_model(a, m, b, p, setup, image=i, fmt=f),
                                rep, 0, 0, b)
     elif level == "blocks":
         names = CPU_BLOCKS_QUICK if setup.quick and not setup.gpu else tuple(BLOCKS)

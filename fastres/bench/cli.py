@@ -1,4 +1,4 @@
-"""Benchmarks: fastres against plain PyTorch (eager and torch.compile), every row a ratio measured in one run.
+"""Benchmarks: fastres against plain PyTorch, torch.compile and ONNX Runtime, every row a ratio measured in one run.
 
     python -m fastres.bench --device cpu            # ResNet-18/50 at 64 px, ResNet-20 at 32 px, host overhead
     python -m fastres.bench --quick                 # the short run (also FASTRES_BENCH_QUICK=1, or CI=true)
@@ -8,6 +8,7 @@ The pieces, one job each (benchmarks/, the pytest-benchmark suite, uses the same
 
 * fastres/bench/config.py      - the Setup: device, sizes, formats, (contender, baseline) pairs, rounds;
 * fastres/bench/models.py      - model and block cases (training step, inference), weights shared;
+* fastres/bench/baselines.py   - the CPU inference baselines onnxruntime and compile+freezing;
 * fastres/bench/ops.py         - op cases (per-op host overhead; ResNet-50 conv shapes) and their cost model;
 * fastres/bench/cases.py       - the rows of each level;
 * fastres/bench/timing.py      - alternating timing, medians and ratios, the table;
@@ -81,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         setup.rounds = a.rounds
     if a.batch_size:
         for m in setup.models:
-            m.train_batch = a.batch_size
+            m.train_batch = a.batch_size if m.train_batch else 0   # inference-only rows stay so
     if a.only:
         setup.only = tuple(a.only.split(","))
     setup.op_shapes = setup.op_shapes or a.op_shapes
@@ -97,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"unknown levels {bad}: expected {', '.join(LEVELS)}")
     archs = [x for x in a.arch.split(",") if x] if a.arch else None
     if archs is not None:
-        known = [m.arch for m in setup.models]
+        known = list(dict.fromkeys(m.arch for m in setup.models))
         unknown = [x for x in archs if x not in known]
         if unknown or not archs:
             p.error(f"--arch {a.arch!r}: the models level here benchmarks {', '.join(known)}")

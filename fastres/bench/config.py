@@ -7,12 +7,16 @@ Every figure is a comparison, timed in one run: ``(contender, baseline)`` pairs,
   the plain-PyTorch ResNet-20 twin of fastres.parity, nn.Conv2d + nn.BatchNorm2d + nn.ReLU modules,
   F.conv2d + F.batch_norm), same weights, same inputs;
 * on a CPU ``fastres-torch+compile`` vs ``compile``: both of them under torch.compile;
+* on a CPU, model eval rows only, ``fastres-torch`` vs the inference baselines ``onnxruntime`` (the plain model
+  exported to ONNX, run by ONNX Runtime) and ``compile+freezing`` (torch.compile with inductor's freezing):
+  fastres/bench/baselines.py;
 * on a GPU ``fastres-<backend>`` vs ``compile`` (Inductor, the competitor to beat).
 
 Sizes: on a CPU real CPU sizes (ResNet-18 at 64 px batch 16, ResNet-50 at 64 px batch 8, ResNet-20 at 32 px
-batch 32; NCHW and channels_last; fp32); on a GPU ResNet-50 / ResNet-18 at 224 px, channels_last + autocast
-bf16. Quick mode (``quick=True``, FASTRES_BENCH_QUICK=1, or CI=true) keeps a CI run short: few rounds, no
-torch.compile, ResNet-50 in NCHW only on a CPU.
+batch 32, and ResNet-50 inference at 224 px batch 1; NCHW and channels_last; fp32); on a GPU ResNet-50 /
+ResNet-18 at 224 px, channels_last + autocast bf16. Quick mode (``quick=True``, FASTRES_BENCH_QUICK=1, or
+CI=true) keeps a CI run short: few rounds, no torch.compile (nor compile+freezing), onnxruntime on the
+representative rows only, ResNet-50 in NCHW only and not at 224 px on a CPU.
 """
 from __future__ import annotations
 
@@ -27,9 +31,9 @@ import torch.nn as nn
 
 @dataclass
 class ModelSpec:
-    """One model row family: `arch` at `image` px, training step at `train_batch`, inference (eval mode,
-    no_grad) at each of `infer_batches`, in each of `formats`; `compile_formats`: the formats whose rows get
-    the torch.compile pair under compile="some"."""
+    """One model row family: `arch` at `image` px, training step at `train_batch` (0: no training row),
+    inference (eval mode, no_grad) at each of `infer_batches`, in each of `formats`; `compile_formats`: the
+    formats whose rows get the torch.compile pair under compile="some" (and onnxruntime in quick mode)."""
 
     arch: str
     image: int
@@ -71,8 +75,8 @@ class Setup:
     def providers(self) -> List[str]:
         return list(dict.fromkeys(p for pair in self.pairs for p in pair))
 
-    def model(self, arch: str) -> Optional[ModelSpec]:
-        return next((m for m in self.models if m.arch == arch), None)
+    def model(self, arch: str, image: Optional[int] = None) -> Optional[ModelSpec]:
+        return next((m for m in self.models if m.arch == arch and image in (None, m.image)), None)
 
 
 def fastres_backends(device: torch.device) -> List[str]:
@@ -111,14 +115,18 @@ def make_setup(device: Optional[str] = None, quick: bool = False, compile: Optio
     both = ("nchw", "channels_last")
     models = [ModelSpec("resnet18", 64, 16, (16,), both, both),
               ModelSpec("resnet50", 64, 8, (8,), both),
-              ModelSpec("resnet20", 32, 32, (32,), both, ("nchw",))]
-    # fastres-torch+frozen: eval inside fastres.frozen (BatchNorm folded once, oneDNN prepacking), model rows
-    pairs = [("fastres-torch", "eager"), ("fastres-torch+frozen", "eager"), ("fastres-torch+compile", "compile")]
+              ModelSpec("resnet20", 32, 32, (32,), both, ("nchw",)),
+              ModelSpec("resnet50", 224, 0, (1,), both)]   # inference only: one image at ImageNet size
+    # fastres-torch+frozen: eval inside fastres.frozen (BatchNorm folded once, oneDNN prepacking), model rows;
+    # onnxruntime and compile+freezing: inference baselines, model eval rows (fastres/bench/baselines.py)
+    pairs = [("fastres-torch", "eager"), ("fastres-torch+frozen", "eager"), ("fastres-torch+compile", "compile"),
+             ("fastres-torch", "onnxruntime"), ("fastres-torch", "compile+freezing")]
     s = Setup(dev, None, models, pairs, quick, warmup=2, rounds=10, compile=compile or "some", op_image=64,
               op_batch=8, block_image=64, block_batch=16, block_formats=both)
     if quick:
         s.warmup, s.rounds, s.compile = 1, 3, compile or "none"
         s.models[1].formats = ("nchw",)
+        s.models = [m for m in s.models if m.image <= 64]
     return s
 
 
@@ -157,6 +165,7 @@ def is_fastres(provider: str) -> bool:
 
 
 def is_compiled(provider: str) -> bool:
+    """Providers whose module runs under a plain torch.compile (compile+freezing compiles in its own Step)."""
     return provider == "compile" or provider.endswith("+compile")
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastres.bench.baselines import EVAL_ONLY, FREEZING, ORT, FreezingCall, OnnxRuntimeCall
 from fastres.bench.config import Setup, compiled, copy_weights, is_compiled, is_fastres, memory_format, provider_context
 from fastres.models.registry import get_model, model_info
 
@@ -31,7 +32,8 @@ def num_classes(arch: str) -> int:
 
 
 def build_model(arch: str, provider: str, seed: int = 0) -> nn.Module:
-    """The plain-PyTorch model (eager, compile providers) or fastres' (fastres-*), with the same weights."""
+    """The plain-PyTorch model (eager, compile, onnxruntime, compile+freezing) or fastres' (fastres-*), with the
+    same weights."""
     info = model_info(arch)   # ValueError naming the registered nets for an unknown arch
     torch.manual_seed(seed)
     if info.family == "cifar":
@@ -56,13 +58,19 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
 
 
 class Step:
-    """One training step of `module` (forward, loss, backward, SGD step) or one inference call."""
+    """One training step of `module` (forward, loss, backward, SGD step) or one inference call; the inference
+    baselines onnxruntime and compile+freezing (fastres/bench/baselines.py) are built here, once."""
 
     def __init__(self, module: nn.Module, x: Tensor, target: Optional[Tensor], setup: Setup, provider: str,
                  mode: str, fmt: str):
         if mode not in ("train", "infer"):
             raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+        if provider in EVAL_ONLY and mode != "infer":
+            raise LookupError(f"{provider} is an inference baseline: eval rows only")
         self.setup, self.provider, self.mode = setup, provider, mode
+        self.call = None
+        if provider == ORT:   # the NCHW model and input, whatever `fmt`: ONNX has one layout
+            self.call = OnnxRuntimeCall(module.to(setup.device), x.to(setup.device))
         mf = memory_format(fmt)
         self.module = module.to(setup.device, memory_format=mf).train(mode == "train")
         self.fwd = compiled(self.module) if is_compiled(provider) else self.module
@@ -75,8 +83,12 @@ class Step:
             import fastres
 
             self.frozen = fastres.frozen(self.module).__enter__()
+        if provider == FREEZING:
+            self.call = FreezingCall(self.module, self.x)
 
     def __call__(self):
+        if self.call is not None:
+            return self.call()
         if self.mode != "train":
             with torch.no_grad(), provider_context(self.setup, self.provider):
                 return self.fwd(self.x)
@@ -105,7 +117,7 @@ def make_block(name: str, mode: str, provider: str, setup: Setup, fmt: Optional[
 
 def make_model(arch: str, mode: str, batch: int, provider: str, setup: Setup, image: Optional[int] = None,
                fmt: Optional[str] = None, seed: int = 0) -> Step:
-    spec = setup.model(arch)
+    spec = setup.model(arch, image)
     image = image or (spec.image if spec else 224)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, image, image, generator=g)

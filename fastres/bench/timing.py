@@ -139,17 +139,39 @@ def _rate(r: dict) -> str:
     return f"{r[unit]:.4g} {unit}" if unit else "-"
 
 
+def versus_eager(rows: List[dict]) -> Dict[str, Dict[str, float]]:
+    """{case: {provider: median ms}} for the cases with an eager baseline and at least one other one (the
+    inference baselines): every provider timed in the case, a contender's median taken from its comparison
+    with eager. Their quotients come from adjacent comparisons of one run, not from alternated rounds."""
+    out: Dict[str, Dict[str, float]] = {}
+    baselines: Dict[str, set] = {}
+    for r in (r for r in rows if "median_ms" in r):
+        got = out.setdefault(r["case"], {})
+        baselines.setdefault(r["case"], set()).add(r["baseline"])
+        got.setdefault(r["baseline"], r["baseline_median_ms"])
+        if r["baseline"] == "eager" or r["provider"] not in got:
+            got[r["provider"]] = r["median_ms"]
+    return {c: got for c, got in out.items() if "eager" in got and len(baselines[c]) > 1}
+
+
 def table(rows: List[dict]) -> str:
-    """Plain-text table: one line per row, both medians and the ratio (fastres speed / baseline speed)."""
-    head = (f"{'case':<44} {'contender':<22} {'baseline':<9} {'ms':>10} {'base ms':>10} {'ratio':>7} "
+    """Plain-text table: one line per row, both medians and the ratio (fastres speed / baseline speed); then,
+    for cases timed against several baselines, every provider's speed over eager's."""
+    head = (f"{'case':<44} {'contender':<22} {'baseline':<16} {'ms':>10} {'base ms':>10} {'ratio':>7} "
             f"{'rate':>18} {'iters':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        who = f"{r['case']:<44} {r['provider']:<22} {r['baseline']:<9}"
+        who = f"{r['case']:<44} {r['provider']:<22} {r['baseline']:<16}"
         if "median_ms" not in r:
             lines.append(f"{who} {'error: ' + r['error'] if 'error' in r else 'skipped: ' + r['skipped']}")
             continue
         lines.append(f"{who} {r['median_ms']:10.3f} {r['baseline_median_ms']:10.3f} {r['ratio']:6.2f}x "
                      f"{_rate(r):>18} {r['iterations']:5d}")
     lines.append("ratio = baseline median / contender median: fastres' speed over the baseline's, > 1 when faster")
+    vs = versus_eager(rows)
+    if vs:
+        lines += ["", "speed over eager (eager median / provider median, from the case's comparisons above):"]
+        for case, got in vs.items():
+            cells = "  ".join(f"{p} {got['eager'] / ms:.2f}x ({ms:.4g} ms)" for p, ms in got.items() if p != "eager")
+            lines.append(f"{case:<44} eager {got['eager']:.4g} ms  {cells}")
     return "\n".join(lines)

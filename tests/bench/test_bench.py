@@ -104,12 +104,14 @@ def test_cpu_setup_times_real_cpu_sizes():
     names = {c.name for c in bcases.cases(full, "models")}
     for name in ("resnet18 train b16 64px nchw", "resnet18 infer b16 64px channels_last",
                  "resnet50 train b8 64px channels_last", "resnet50 infer b8 64px nchw",
-                 "resnet20 train b32 32px nchw", "resnet20 infer b32 32px channels_last"):
+                 "resnet20 train b32 32px nchw", "resnet20 infer b32 32px channels_last",
+                 "resnet50 infer b1 224px nchw", "resnet50 infer b1 224px channels_last"):
         assert name in names
     assert {c.name for c in bcases.cases(full, "ops")} == {f"host conv3x3-bn-relu 2x8x4x4 {k}"
                                                           for k in ("fwd", "infer", "fwdbwd")}
     assert full.pairs == [("fastres-torch", "eager"), ("fastres-torch+frozen", "eager"),
-                          ("fastres-torch+compile", "compile")]
+                          ("fastres-torch+compile", "compile"), ("fastres-torch", "onnxruntime"),
+                          ("fastres-torch", "compile+freezing")]   # the last two: tests/bench/test_baselines.py
     compiled = [c for c in bcases.cases(full, "models") if c.baseline == "compile" and c.skip_reason(full) is None]
     assert {c.name for c in compiled} >= {"resnet18 train b16 64px nchw", "resnet18 infer b16 64px channels_last"}
     assert quick.rounds < full.rounds and quick.compile == "none"
