@@ -18,6 +18,8 @@ from __future__ import annotations
 import inspect
 from typing import List
 
+import torch
+
 from fastres.kernels import batchnorm as _bn
 from fastres.kernels import conv as _conv
 from fastres.kernels import shapes as _shapes
@@ -142,12 +144,13 @@ def batchnorm_variants(case: dict, dtype: str) -> List[dict]:
     conv `case`, data dtype `dtype` (BN parameters and running statistics fp32, as under autocast).
     bytes / flops are each launch's minimum traffic and a count of its arithmetic per element."""
     ho, wo = case_out_hw(case)
-    c, hw = case["cout"], ho * wo
-    m = case["n"] * hw
+    # the conv's output as batchnorm.py's host functions read it: NHWC, as the Triton conv writes it
+    z = torch.empty((case["n"], case["cout"], ho, wo), device="meta", memory_format=torch.channels_last)
+    m, c, hw, (s_n, s_hw, s_c), c_inner, _ = _bn._geometry(_bn._m(z))
     numel, es = m * c, ELEM_BYTES[dtype]
     d, f = "*" + dtype, "*fp32"
-    geo = dict(M=m, C=c, HW=hw, s_n=hw * c, s_hw=c, s_c=1)          # NHWC, as the Triton conv writes
-    flat = dict(numel=numel, C=c, C_INNER=1)
+    geo = dict(M=m, C=c, HW=hw, s_n=s_n, s_hw=s_hw, s_c=s_c)
+    flat = dict(numel=numel, C=c, C_INNER=c_inner)
     out = []
 
     def add(fn, role, epilogue, grid, meta, ptrs, ints, nbytes, flops, floats=(), flags=None):
