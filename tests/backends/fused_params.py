@@ -7,9 +7,11 @@
 * cuda: fastres._C built and a GPU (marked ``gpu``: tests/conftest.py skips it, with the reason,
   without one).
 
-DEVICE is where the tests put their tensors: the GPU when there is one, else the CPU.
+DEVICE is where the tests put their tensors: the GPU when there is one, else the CPU. case_seed and
+grad_leaf are the helpers the op comparisons (test_fused_backends.py, test_bn_act_backends.py) share.
 """
 import os
+import zlib
 
 import pytest
 import torch
@@ -41,3 +43,17 @@ def skip_unless_dtype_runs(dtype: torch.dtype) -> None:
     """bf16 does not run under Triton's interpreter: a real skip there."""
     if dtype == torch.bfloat16 and not HAS_CUDA:
         pytest.skip("bfloat16 needs a GPU (Triton's interpreter has no bf16)")
+
+
+def case_seed(*key) -> int:
+    """A seed of its own per test case, the same in every run (failures reproduce)."""
+    return zlib.crc32(repr(key).encode())
+
+
+def grad_leaf(t, dtype: torch.dtype, fmt=None):
+    """t in `dtype`, requiring grad: laid out in memory format `fmt` when one is given, else cloned;
+    None stays None."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    return (t.contiguous(memory_format=fmt) if fmt is not None else t.clone()).requires_grad_()

@@ -2,11 +2,9 @@
 float64, as tests/backends/test_fused_backends.py does for conv_bn_act: the same inputs run on the fused
 backend in the test dtype, on the torch backend in that dtype and on the torch backend in float64; y,
 the running statistics and every gradient must pass the house rule. Kernel outputs are poisoned."""
-import zlib
-
 import pytest
 import torch
-from fused_params import BACKENDS, DEVICE, skip_unless_dtype_runs
+from fused_params import BACKENDS, DEVICE, case_seed, grad_leaf, skip_unless_dtype_runs
 from numerics import assert_as_good
 
 from fastres import backend
@@ -33,15 +31,8 @@ def _inputs(shape, residual, seed, dtype):
 def _run(name, inp, dtype, channels_last, training, relu):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-
-    def leaf(t, dt, layout=False):
-        if t is None:
-            return None
-        t = t.to(dt)
-        return (t.contiguous(memory_format=fmt) if layout else t.clone()).requires_grad_()
-
-    x, res = leaf(inp["x"], dtype, True), leaf(inp["res"], dtype, True)
-    gamma, beta = leaf(inp["gamma"], pdtype), leaf(inp["beta"], pdtype)
+    x, res = grad_leaf(inp["x"], dtype, fmt), grad_leaf(inp["res"], dtype, fmt)
+    gamma, beta = grad_leaf(inp["gamma"], pdtype), grad_leaf(inp["beta"], pdtype)
     rm, rv = inp["rm"].to(pdtype, copy=True), inp["rv"].to(pdtype, copy=True)
     before = backend.calls[("bn_act", "forward", name)]
     with backend.use_backend(name):
@@ -68,17 +59,13 @@ def compare(name, inp, dtype, channels_last, training, relu):
         assert_as_good(got[key], eager[key], oracle[key], name=f"{name} bn_act {key} ({dtype}, training={training})")
 
 
-def _seed(*key):
-    return zlib.crc32(repr(key).encode())
-
-
 @pytest.mark.parametrize("shape", SMALL, ids=str)
 @pytest.mark.parametrize("relu,residual", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_small_fp32_vs_torch_and_float64(name, shape, relu, residual, channels_last, training, poison):
-    inp = _inputs(shape, residual, _seed(shape, relu, residual, channels_last, training), torch.float32)
+    inp = _inputs(shape, residual, case_seed(shape, relu, residual, channels_last, training), torch.float32)
     compare(name, inp, torch.float32, channels_last, training, relu)
 
 
@@ -86,7 +73,7 @@ def test_small_fp32_vs_torch_and_float64(name, shape, relu, residual, channels_l
 @pytest.mark.parametrize("name", BACKENDS)
 def test_small_fp16_vs_torch_and_float64(name, training, poison):
     shape = SMALL[0]
-    compare(name, _inputs(shape, True, _seed(shape, training), torch.float16), torch.float16, True, training, True)
+    compare(name, _inputs(shape, True, case_seed(shape, training), torch.float16), torch.float16, True, training, True)
 
 
 @pytest.mark.gpu
@@ -97,7 +84,7 @@ def test_small_fp16_vs_torch_and_float64(name, training, poison):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_gpu_shapes(name, shape, training, channels_last, dtype, poison):
     skip_unless_dtype_runs(dtype)
-    inp = _inputs(shape, True, _seed(shape, training, channels_last, dtype), dtype)
+    inp = _inputs(shape, True, case_seed(shape, training, channels_last, dtype), dtype)
     compare(name, inp, dtype, channels_last, training, True)
 
 

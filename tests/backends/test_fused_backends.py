@@ -11,12 +11,11 @@ The small cases run wherever the backend runs (triton: CPU through the interpret
 ResNet-50 layer shapes and the larger conv cases need a GPU. Which backend runs where: fused_params.py.
 """
 import math
-import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fused_params import BACKENDS, DEVICE
+from fused_params import BACKENDS, DEVICE, case_seed, grad_leaf
 from numerics import ULPS, assert_as_good, max_error
 
 from fastres import backend
@@ -91,16 +90,9 @@ def _run(name, inp, dtype, channels_last, training, relu):
     every gradient, by name."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-
-    def leaf(t, dt, layout=False):
-        if t is None:
-            return None
-        t = t.to(dt)
-        return (t.contiguous(memory_format=fmt) if layout else t.clone()).requires_grad_()
-
-    x, w, b = leaf(inp["x"], dtype, True), leaf(inp["w"], dtype), leaf(inp["b"], dtype)
-    gamma, beta = leaf(inp["gamma"], pdtype), leaf(inp["beta"], pdtype)
-    res = leaf(inp["res"], dtype, True)
+    x, w, b = grad_leaf(inp["x"], dtype, fmt), grad_leaf(inp["w"], dtype), grad_leaf(inp["b"], dtype)
+    gamma, beta = grad_leaf(inp["gamma"], pdtype), grad_leaf(inp["beta"], pdtype)
+    res = grad_leaf(inp["res"], dtype, fmt)
     rm, rv = inp["rm"].to(pdtype, copy=True), inp["rv"].to(pdtype, copy=True)
     before = backend.calls[("conv_bn_act", "forward", name)]
     with backend.use_backend(name):
@@ -147,18 +139,13 @@ def _assert_cancelled_bias_grad(got, eager, oracle, inp, dtype, what):
     assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (torch error {base:.3g})"
 
 
-def _seed(*key):
-    """A seed of its own per test case, the same in every run (failures reproduce)."""
-    return zlib.crc32(repr(key).encode())
-
-
 @pytest.mark.parametrize("case", SMALL, ids=case_id)
 @pytest.mark.parametrize("relu,residual", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_small_fp32_vs_torch_and_float64(name, case, relu, residual, channels_last, training, poison):
-    inp = _inputs(case, residual, _seed(case, relu, residual, channels_last, training), torch.float32)
+    inp = _inputs(case, residual, case_seed(case, relu, residual, channels_last, training), torch.float32)
     compare(name, inp, torch.float32, channels_last, training, relu)
 
 
@@ -169,7 +156,7 @@ def test_small_fp16_vs_torch_and_float64(name, case, training, poison):
     # A conv bias only in eval mode: in training BatchNorm cancels it, its exact gradient is 0 and what
     # any fp16 path returns for it is rounding noise (no meaningful error ratio). fp32 tests cover it.
     case = case[:-1] + (not training,)
-    compare(name, _inputs(case, True, _seed(case, training), torch.float16), torch.float16, True, training, True)
+    compare(name, _inputs(case, True, case_seed(case, training), torch.float16), torch.float16, True, training, True)
 
 
 @pytest.mark.gpu
@@ -183,7 +170,7 @@ def test_gpu_conv_cases(name, case, dtype, channels_last, training, relu, residu
     n = case[0]
     if training and n * math.prod(_out_hw(case)) == 1:
         pytest.skip("training needs more than one value per channel")
-    inp = _inputs(case, residual, _seed(case, dtype, channels_last, training, relu, residual), dtype)
+    inp = _inputs(case, residual, case_seed(case, dtype, channels_last, training, relu, residual), dtype)
     compare(name, inp, dtype, channels_last, training, relu)
 
 
@@ -193,4 +180,4 @@ def test_gpu_conv_cases(name, case, dtype, channels_last, training, relu, residu
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_gpu_resnet50_shapes(name, case, dtype, training, poison):
-    compare(name, _inputs(case, True, _seed(case, dtype, training), dtype), dtype, True, training, True)
+    compare(name, _inputs(case, True, case_seed(case, dtype, training), dtype), dtype, True, training, True)
