@@ -5,7 +5,8 @@ on every call, so no edit of any kind can make it stale. Serving and evaluation 
 touch the weights can ask for more: inside ``with fastres.frozen(model):`` each (conv, BatchNorm) pair
 of `model` that runs on the torch backend in eval mode folds BatchNorm into the convolution once and
 keeps the result (on a CPU, in fp32, with channels_last input, the folded weight is also prepacked for
-oneDNN with the residual add and ReLU as post-ops).
+oneDNN with the residual add and ReLU as post-ops; a fastres ResNet's NCHW input is converted to
+channels_last once at the model's input for that, where nobody can see the layout: fastres.models.input_layout).
 
 The contract: inside the context a fold is remade on its next use after
 - any change of value of a conv bias, a BatchNorm weight, bias or running statistic, however it was

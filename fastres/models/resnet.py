@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastres.models.input_layout import allow, inference_input
 from fastres.nn import conv_bn_act_modules, is_plain_relu, plain_forward_needed, unfusable_reason
 
 Tensor = torch.Tensor
@@ -324,8 +325,9 @@ class FusedResNet(nn.Module):
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
-    """Stem (fused conv1 + bn1 + ReLU), maxpool, the four stages, pool, fc."""
-    x = stem_forward(model, x)
+    """Stem (fused conv1 + bn1 + ReLU), maxpool, the four stages, pool, fc. CPU inference on NCHW input
+    runs in channels_last (fastres.models.input_layout)."""
+    x = stem_forward(model, inference_input(model, x))
     x = model.maxpool(x)
     x = model.layer1(x)
     x = model.layer2(x)
@@ -342,6 +344,9 @@ def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
     if not is_plain_relu(model.relu) or plain_forward_needed(model.conv1, model.bn1, model.relu):
         return model.relu(model.bn1(model.conv1(x)))
     return conv_bn_act_modules(x, model.conv1, model.bn1, relu=True)
+
+
+allow(ZeroPadShortcut, BasicBlock, Bottleneck, FusedResNet)
 
 
 def FusedResNet18(**kwargs) -> FusedResNet:

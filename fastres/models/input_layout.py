@@ -1,0 +1,84 @@
+"""Inside fastres.frozen, CPU inference in channels_last for the NCHW input users have.
+
+On a CPU, PyTorch's convolutions (oneDNN) work in a channels-last layout. Inside ``fastres.frozen(model)``
+the torch backend runs each folded conv + BN (+ add) (+ ReLU) as one oneDNN convolution with a prepacked
+weight, but only on channels_last data (fastres/backends/torch.py: measured 1.2-1.5x aten's eval there;
+slower on NCHW). So an NCHW image is converted once at the model's input; every layer after it keeps
+channels_last, and the model's output (the logits: 2-D) has no layout: the user sees what torchvision
+returns, within the house rule (the fold's own rounding, as frozen() documents).
+
+Only inside frozen(): outside it, a channels_last input meets the live NCHW weights, and aten's
+convolution then copies each 3x3 / 7x7 weight to channels_last on every call (seen in torch.profiler
+as aten::contiguous -> aten::clone), which costs more than it saves at small batches.
+
+Converted only when nobody can see an intermediate tensor or its layout, checked on every call (a walk
+over the modules, ~0.1 ms on 2 cores against tens of milliseconds of convolutions); otherwise the model
+runs on the input as given, as torchvision would:
+
+* a CPU float32 tensor (exactly torch.Tensor, no subclass such as a FakeTensor), 4-D, NCHW-contiguous;
+* inference: the model in eval mode and gradients off (torch.no_grad / torch.inference_mode), so no
+  gradient, of the input or of a weight, comes back in another layout; no autocast;
+* not traced or transformed: not torch.compile / torch.export, torch.jit.trace, torch.fx, torch.func;
+* the model's stem BatchNorm (bn1) inside an active fastres.frozen context;
+* every submodule of a type whose code fastres knows (:func:`allow`: the fused blocks, nn.Conv2d,
+  nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...) and no module hook anywhere: a hook or a user's own
+  module (a swapped head, a replaced activation) sees exactly the tensors torchvision would give it.
+"""
+from __future__ import annotations
+
+from typing import Set
+
+import torch
+import torch.nn as nn
+
+from fastres.backends import torch as aten_backend
+from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
+
+Tensor = torch.Tensor
+
+__all__ = ["allow", "inference_input"]
+
+_ALLOWED: Set[type] = {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear,
+                       nn.Sequential, nn.Identity, nn.Dropout, nn.Flatten, FusedConvBN2d, FusedConvBNReLU2d}
+
+_mm = torch.nn.modules.module  # where the global module hooks live
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def allow(*classes: type) -> None:
+    """Declare module classes whose forward keeps working on channels_last input and shows no
+    intermediate tensor (fastres's blocks and fused layers register themselves)."""
+    _ALLOWED.update(classes)
+
+
+def _tensor_ok(x) -> bool:
+    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _context_ok() -> bool:
+    return not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or _functorch_active()
+                or _mm._global_forward_hooks or _mm._global_forward_pre_hooks)
+
+
+def _stem_frozen(model: nn.Module) -> bool:
+    bn = model._modules.get("bn1")
+    return bn is not None and aten_backend.frozen_active(bn)
+
+
+def _modules_ok(model: nn.Module) -> bool:
+    allowed = _ALLOWED
+    for i, m in enumerate(model.modules()):
+        if (i and type(m) not in allowed) or m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return True
+
+
+def inference_input(model: nn.Module, x: Tensor) -> Tensor:
+    """`x` as the model should read it: channels_last when the conditions above hold, else `x` itself.
+    (The model itself, the first of model.modules(), may be any class: its forward is the caller.)"""
+    if torch.compiler.is_compiling() or model.training or not _tensor_ok(x) or not _context_ok() \
+            or not _stem_frozen(model) or not _modules_ok(model):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
