@@ -45,7 +45,10 @@ def _spec(stride, padding, dilation, groups) -> ConvSpec:
 
 def conv_spec(stride: IntPair, padding: IntPair, dilation: IntPair, groups: int) -> ConvSpec:
     """The checked ConvSpec of these arguments, remembered per value (a pure function of them). Its
-    lists are shared between calls: nothing in fastres mutates them, and they never reach a user."""
+    lists are shared between calls: nothing in fastres mutates them, and they never reach a user.
+    (Under torch.compile the function itself: dynamo warns about, and ignores, an lru_cache.)"""
+    if torch.compiler.is_compiling():
+        return _spec.__wrapped__(stride, padding, dilation, groups)
     try:
         return _spec(stride if isinstance(stride, int) else tuple(stride),
                      padding if isinstance(padding, int) else tuple(padding),
