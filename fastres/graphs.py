@@ -16,9 +16,11 @@ the whole step at once. :class:`GraphedStep` does what torch.cuda.graph needs, o
 * Nothing is cached across calls by fastres (issue "never stale"): a replay re-reads every parameter
   and buffer where the optimizer updated it. What a replay cannot see is what was baked in at capture;
   each call checks it and raises instead of replaying a stale step: the set of parameters (a swapped
-  submodule), train/eval mode, the optimizer's hyperparameters held as Python numbers (an lr scheduler
-  changing a float lr: give the optimizer a tensor lr, e.g. ``lr=torch.tensor(0.1, device="cuda")``,
-  and ``capturable=True`` where the optimizer has it), and the inputs' shapes and dtypes.
+  submodule), train/eval mode, the optimizer's hyperparameters held as Python numbers, and the inputs'
+  shapes and dtypes. An lr scheduler changing a float lr: capture a new GraphedStep after the change
+  (``python -m fastres.train --cuda-graphs`` does, fastres/train/graphed.py), or, with Adam / AdamW, give
+  a tensor lr (``lr=torch.tensor(1e-3, device="cuda")``, ``capturable=True``). SGD reads a tensor lr on
+  the host (``alpha=-lr``), a sync that capture forbids.
 * Alternatives: ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs of the forward and
   backward, the optimizer outside) and ``torch.cuda.make_graphed_callables`` (per module).
 """
@@ -126,8 +128,8 @@ class GraphedStep:
                                "submodule or parameter); capture a new GraphedStep")
         if _hyper(self.optimizer) != self._hyper:
             raise RuntimeError("fastres.GraphedStep: the optimizer's hyperparameters changed since capture "
-                               "(a float lr changed by a scheduler is baked into the graph): give the optimizer "
-                               "a tensor lr, or capture a new GraphedStep")
+                               "(a float lr changed by a scheduler is baked into the graph): capture a new "
+                               "GraphedStep (or give Adam / AdamW a tensor lr with capturable=True)")
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         self.check(x, y)
