@@ -9,11 +9,12 @@ its timings are meaningless, so on a CPU fastres runs its torch backend.
 Every test is one row: a contender (fastres) and its baseline (plain PyTorch), same weights and inputs,
 timed alternately in the same test (fastres/bench/timing.py): pytest-benchmark times the contender's
 rounds (benchmark.pedantic), and its setup / teardown hooks time a baseline round just before the even
-rounds and just after the odd ones (B C C B B C ...). A round is `iterations` calls (chosen so that the
-faster provider's round lasts about a millisecond), so pytest-benchmark's own stats are per round: the
-per-call figures are in extra_info (median_s, baseline_median_s, ratio = baseline / contender median,
-above 1 when fastres is faster, ratio_paired), with the environment (device, CPU model, cores, versions,
-git commit, CPU capability, date), the provider, the rates (GB/s, TFLOP/s, images/s) and peak GPU memory.
+rounds and just after the odd ones (B C C B B C ...), and make a row's untimed settle calls (Case.settle).
+A round is `iterations` calls (chosen so that the faster provider's round lasts about setup.round_s), so
+pytest-benchmark's own stats are per round: the per-call figures are in extra_info (median_s,
+baseline_median_s, ratio = baseline / contender median, above 1 when fastres is faster, ratio_paired),
+with the environment (device, CPU model, cores, versions, git commit, CPU capability, date), the provider,
+the rates (GB/s, TFLOP/s, images/s) and peak GPU memory.
 At the end, the terminal summary prints the timed rows as `python -m fastres.bench` does (both medians, the
 ratio, and each provider's speed over eager where a case has several baselines).
 """
@@ -84,11 +85,13 @@ def run_case(benchmark, setup, env):
 
         def before():
             if rounds_done[0] % 2 == 0:
-                base_times.append(bench_timing.timed_round(baseline, iterations))
+                base_times.append(bench_timing.settled_round(baseline, iterations, case.settle))
+            for _ in range(case.settle):   # the contender's untimed calls before its round
+                contender()
 
         def after():
             if rounds_done[0] % 2 == 1:
-                base_times.append(bench_timing.timed_round(baseline, iterations))
+                base_times.append(bench_timing.settled_round(baseline, iterations, case.settle))
             rounds_done[0] += 1
 
         def target():

@@ -6,7 +6,11 @@
   TorchScript one, ``dynamo=False``, is deprecated), run by ``onnxruntime.InferenceSession`` on the
   CPUExecutionProvider with ``intra_op_num_threads = torch.get_num_threads()`` and every graph optimization
   (ORT_ENABLE_ALL), on the row's input as an NCHW float32 numpy array. ONNX has one layout, so the NCHW and
-  the channels_last rows feed ONNX Runtime the same NCHW array. Optional: onnxruntime, onnx and onnxscript
+  the channels_last rows feed ONNX Runtime the same NCHW array. Its worker threads do not spin-wait
+  (session.intra_op.allow_spinning=0): spinning keeps the cores busy after each run, and the next torch call
+  of the alternating benchmark ran 2.3x slower for it (eager ResNet-50 b8 64 px on 2 cores: 29 ms alone,
+  67 ms right after an ONNX Runtime call, 38 ms on the second), while ONNX Runtime alone ran as fast without
+  spinning (18.1 vs 18.2 ms). Optional: onnxruntime, onnx and onnxscript
   (``pip install onnxruntime onnx onnxscript``, or the ``bench`` extra); without them the row is skipped.
 * ``compile+freezing``: torch.compile of the plain model with ``torch._inductor.config.freezing = True``
   (parameters become constants: BatchNorm folded into the convolutions, oneDNN weight prepacking), eval
@@ -47,12 +51,14 @@ def onnx_missing() -> Optional[str]:
 
 
 def ort_session(model_proto: bytes, threads: Optional[int] = None):
-    """An InferenceSession on the CPU: `threads` intra-op threads (default torch's), every graph optimization."""
+    """An InferenceSession on the CPU: `threads` intra-op threads (default torch's), every graph optimization,
+    no spin-waiting."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")   # see the module docstring
     return ort.InferenceSession(model_proto, so, providers=["CPUExecutionProvider"])
 
 

@@ -40,6 +40,12 @@ class Case:
     images: int = 0
 
     @property
+    def settle(self) -> int:
+        """Untimed calls before each timed round (fastres/bench/timing.py): 1 where onnxruntime's thread pool
+        and torch's take turns, else 0."""
+        return 1 if ORT in (self.provider, self.baseline) else 0
+
+    @property
     def id(self) -> str:
         return f"{self.name}-{self.provider}-vs-{self.baseline}".replace(" ", "-")
 

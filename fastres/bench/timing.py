@@ -10,6 +10,10 @@ Timing rules (shared by ``python -m fastres.bench`` and benchmarks/conftest.py):
   ``setup.tiny_rounds`` rounds;
 * rounds alternate between the two providers (baseline, contender, contender, baseline, ...: each provider
   runs as often first as second), so that a machine getting busier or quieter during a row shifts both;
+* a row whose providers run on different thread pools (onnxruntime beside torch's OpenMP threads) makes
+  `settle` untimed calls before each timed round: on a 2-core CPU the first call after a switch shares the
+  cores with the other pool's threads still spinning (measured: ONNX Runtime ResNet-50 b8 64 px 18 ms
+  alone, 23 ms right after a torch call, 18.7 ms on the second);
 * a row reports each provider's median seconds per call and their ratio
   ``ratio = baseline median / contender median``: fastres' speed over the baseline's, above 1 when fastres
   is faster; ``ratio_paired`` is the median over rounds of the two adjacent rounds' ratio.
@@ -58,13 +62,22 @@ def rounds_for(setup: Setup, iterations: int) -> int:
     return setup.rounds if iterations == 1 else max(setup.rounds, setup.tiny_rounds)
 
 
-def alternate(contender: Fn, baseline: Fn, rounds: int, iterations: int) -> Tuple[List[float], List[float]]:
-    """Seconds per call of each, `rounds` rounds each, in the order B C C B B C ..."""
+def settled_round(fn: Fn, iterations: int, settle: int = 0) -> float:
+    """`settle` untimed calls, then :func:`timed_round`."""
+    for _ in range(settle):
+        fn()
+    return timed_round(fn, iterations)
+
+
+def alternate(contender: Fn, baseline: Fn, rounds: int, iterations: int,
+              settle: int = 0) -> Tuple[List[float], List[float]]:
+    """Seconds per call of each, `rounds` rounds each, in the order B C C B B C ... (each round after
+    `settle` untimed calls)."""
     c_times, b_times = [], []
     for r in range(rounds):
         pair = ((baseline, b_times), (contender, c_times))
         for fn, out in (pair if r % 2 == 0 else pair[::-1]):
-            out.append(timed_round(fn, iterations))
+            out.append(settled_round(fn, iterations, settle))
     return c_times, b_times
 
 
@@ -117,7 +130,7 @@ def run_rows(setup: Setup, todo: list, progress: bool = True) -> List[dict]:
             iterations = warm_up((contender, baseline), setup)
             row["warmup_s"] = time.perf_counter() - t0
             rounds = rounds_for(setup, iterations)
-            ct, bt = alternate(contender, baseline, rounds, iterations)
+            ct, bt = alternate(contender, baseline, rounds, iterations, c.settle)
             fig = summary(ct, bt)
             row.update(median_ms=fig["median_s"] * 1e3, min_ms=fig["min_s"] * 1e3,
                        baseline_median_ms=fig["baseline_median_s"] * 1e3, ratio=fig["ratio"],

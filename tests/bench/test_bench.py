@@ -142,6 +142,10 @@ def test_alternate_interleaves_and_reports_ratios():
     fig = bench_timing.summary([1.0, 2.0, 3.0], [2.0, 4.0, 9.0])
     assert fig["median_s"] == 2.0 and fig["baseline_median_s"] == 4.0 and fig["ratio"] == 2.0
     assert fig["ratio_paired"] == 2.0 and fig["min_s"] == 1.0
+    order.clear()
+    c_times, _ = bench_timing.alternate(lambda: order.append("c"), lambda: order.append("b"), rounds=2,
+                                        iterations=2, settle=1)   # one untimed call before each round
+    assert "".join(order) == "bbbccc" "cccbbb" and len(c_times) == 2
 
 
 def test_warm_up_repeats_tiny_calls(cpu_setup):
