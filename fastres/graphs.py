@@ -33,7 +33,7 @@ import torch.nn as nn
 
 Tensor = torch.Tensor
 
-__all__ = ["GraphedStep"]
+__all__ = ["GraphedStep", "AutocastForward"]
 
 
 def _hyper(optimizer: torch.optim.Optimizer) -> List[Tuple]:
@@ -49,6 +49,21 @@ def _fresh_is_zero(optimizer: torch.optim.Optimizer) -> bool:
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         return True
     return type(optimizer) is torch.optim.SGD and all(g.get("dampening", 0) == 0 for g in optimizer.param_groups)
+
+
+class AutocastForward(nn.Module):
+    """`model`'s forward under autocast to `dtype` with autocast's weight cache off, as a capture needs it
+    (a cached cast would be captured once and never re-read the updated weights). Wrap the model in it to
+    capture an autocast training step: ``GraphedStep(AutocastForward(model, torch.bfloat16), ...)``."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=self.dtype, cache_enabled=False):
+            return self.model(x)
 
 
 class GraphedStep:

@@ -27,24 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.graphs import GraphedStep
+from fastres.graphs import AutocastForward, GraphedStep
 
 Tensor = torch.Tensor
 
 __all__ = ["GraphedTrainStep"]
-
-
-class _Autocast(nn.Module):
-    """model's forward under autocast to `dtype`, with autocast's cache off (safe under capture)."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.model, self.dtype = model, dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        device = next(self.model.parameters()).device.type
-        with torch.autocast(device, dtype=self.dtype, cache_enabled=False):
-            return self.model(x)
 
 
 class GraphedTrainStep:
@@ -56,7 +43,7 @@ class GraphedTrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: Optional[torch.dtype]):
         self.model, self.optimizer = model, optimizer
-        self.forward = _Autocast(model, amp_dtype) if amp_dtype is not None else model
+        self.forward = AutocastForward(model, amp_dtype) if amp_dtype is not None else model
         self.step: Optional[GraphedStep] = None
         self.out: Optional[Tensor] = None
         self.lrs: List[float] = []   # the lr of every capture so far
