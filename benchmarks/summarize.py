@@ -84,30 +84,33 @@ def level_table(rows, level, title):
 
 
 def versus_eager_table(rows, level="models"):
-    """For cases timed against eager and other baselines (onnxruntime, compile+freezing, compile): every
-    provider's speed over eager's, eager median / provider median. A contender's median is the one of its
-    comparison with eager; the quotients span adjacent comparisons of one run (not alternated rounds)."""
-    by_case, baselines = defaultdict(dict), defaultdict(set)
+    """For cases where a contender is timed against eager and against other baselines (onnxruntime,
+    compile+freezing): every provider's speed over eager's. A contender's is its ratio to eager; a baseline
+    B's is chained through the contender both comparisons share, ratio(C vs eager) / ratio(C vs B), each
+    factor from alternated rounds (as fastres.bench.timing.versus_eager)."""
+    rows = [r for r in rows if r.get("level") == level]
+    vs_eager = {(r["case"], r["provider"]): r for r in rows if r.get("baseline", "eager") == "eager"}
+    cases = {}
     for r in rows:
-        if r.get("level") != level:
+        e = vs_eager.get((r["case"], r["provider"]))
+        if e is None or r.get("baseline", "eager") == "eager":
             continue
-        got, base = by_case[r["case"]], r.get("baseline", "eager")
-        baselines[r["case"]].add(base)
-        got.setdefault(base, r["baseline_median_s"])
-        if base == "eager" or r["provider"] not in got:
-            got[r["provider"]] = r["median_s"]
-    cases = {c: got for c, got in by_case.items() if "eager" in got and len(baselines[c]) > 1}
+        got = cases.setdefault(r["case"], {"eager": (1.0, e["baseline_median_s"])})
+        for c in (x for x in rows if x["case"] == r["case"] and x.get("baseline", "eager") == "eager"):
+            got.setdefault(c["provider"], (c["ratio"], c["median_s"]))
+        got.setdefault(r["baseline"], (e["ratio"] / r["ratio"], r["baseline_median_s"]))
     if not cases:
         return []
     providers = list(dict.fromkeys(p for got in cases.values() for p in got if p != "eager"))
     head = ["case", "eager ms"] + [f"{p} / eager (ms)" for p in providers]
     lines = ["### Speed over eager", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, got in cases.items():
-        cells = [case, _ms(got["eager"])]
-        cells += [f"**{got['eager'] / got[p]:.2f}x** ({_ms(got[p])})" if p in got else "-" for p in providers]
+        cells = [case, _ms(got["eager"][1])]
+        cells += [f"**{got[p][0]:.2f}x** ({_ms(got[p][1])})" if p in got else "-" for p in providers]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "Eager median / provider median in the same case: each provider's speed over eager's, "
-                        "across the case's comparisons above (adjacent in one run, not alternated).", ""]
+    return lines + ["", "Speed over eager: a contender's ratio to eager; a baseline's chained through the "
+                        "contender both comparisons share (ratio vs eager / ratio vs the baseline), each factor "
+                        "from alternated rounds. In parentheses: median ms in its own test.", ""]
 
 
 def parity_lines(folder):

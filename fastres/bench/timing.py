@@ -152,19 +152,24 @@ def _rate(r: dict) -> str:
     return f"{r[unit]:.4g} {unit}" if unit else "-"
 
 
-def versus_eager(rows: List[dict]) -> Dict[str, Dict[str, float]]:
-    """{case: {provider: median ms}} for the cases with an eager baseline and at least one other one (the
-    inference baselines): every provider timed in the case, a contender's median taken from its comparison
-    with eager. Their quotients come from adjacent comparisons of one run, not from alternated rounds."""
-    out: Dict[str, Dict[str, float]] = {}
-    baselines: Dict[str, set] = {}
-    for r in (r for r in rows if "median_ms" in r):
-        got = out.setdefault(r["case"], {})
-        baselines.setdefault(r["case"], set()).add(r["baseline"])
-        got.setdefault(r["baseline"], r["baseline_median_ms"])
-        if r["baseline"] == "eager" or r["provider"] not in got:
-            got[r["provider"]] = r["median_ms"]
-    return {c: got for c, got in out.items() if "eager" in got and len(baselines[c]) > 1}
+def versus_eager(rows: List[dict]) -> Dict[str, Dict[str, Tuple[float, float]]]:
+    """{case: {provider: (speed over eager, median ms)}} for the cases where a contender is timed against
+    eager and against other baselines (the inference baselines onnxruntime, compile+freezing). A contender's
+    speed is its ratio to eager; a baseline B's is chained through the contender both comparisons share,
+    ratio(C vs eager) / ratio(C vs B): each factor comes from alternated rounds, so a machine slower in one
+    test than in the next (both providers of a test move together) does not enter it. Eager: (1, its ms)."""
+    timed = [r for r in rows if "median_ms" in r]
+    vs_eager = {(r["case"], r["provider"]): r for r in timed if r["baseline"] == "eager"}
+    out: Dict[str, Dict[str, Tuple[float, float]]] = {}
+    for r in timed:
+        e = vs_eager.get((r["case"], r["provider"]))
+        if e is None or r["baseline"] == "eager":
+            continue
+        got = out.setdefault(r["case"], {"eager": (1.0, e["baseline_median_ms"])})
+        for c in (x for x in timed if x["case"] == r["case"] and x["baseline"] == "eager"):
+            got.setdefault(c["provider"], (c["ratio"], c["median_ms"]))
+        got.setdefault(r["baseline"], (e["ratio"] / r["ratio"], r["baseline_median_ms"]))
+    return out
 
 
 def table(rows: List[dict]) -> str:
@@ -183,8 +188,9 @@ def table(rows: List[dict]) -> str:
     lines.append("ratio = baseline median / contender median: fastres' speed over the baseline's, > 1 when faster")
     vs = versus_eager(rows)
     if vs:
-        lines += ["", "speed over eager (eager median / provider median, from the case's comparisons above):"]
+        lines += ["", "speed over eager (baselines chained through the contender: ratio vs eager / ratio vs "
+                  "baseline), median ms in its own test:"]
         for case, got in vs.items():
-            cells = "  ".join(f"{p} {got['eager'] / ms:.2f}x ({ms:.4g} ms)" for p, ms in got.items() if p != "eager")
-            lines.append(f"{case:<44} eager {got['eager']:.4g} ms  {cells}")
+            cells = "  ".join(f"{p} {x:.2f}x ({ms:.4g} ms)" for p, (x, ms) in got.items() if p != "eager")
+            lines.append(f"{case:<44} eager {got['eager'][1]:.4g} ms  {cells}")
     return "\n".join(lines)
