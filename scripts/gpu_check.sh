@@ -9,7 +9,8 @@
 #   tests       240  pytest -m "gpu and not slow" in 4 shards run side by side (Triton compiles on 4 cores):
 #                    triton backend, cuda backend, the extension's kernels, the rest; one junit XML per shard
 #   bench-r50   150  ResNet-50 at 224 px: training step b256, inference b1 and b256; fastres-triton and
-#                    fastres-cuda against eager and torch.compile (FASTRES_BENCH_PROVIDERS)
+#                    fastres-cuda against eager and torch.compile, and the training step replayed from a
+#                    CUDA graph against torchvision's, captured alike (FASTRES_BENCH_PROVIDERS)
 #   parity      120  GPU training parity: pytest tests/test_parity.py -m gpu; one JSON per run
 #   profile      90  scripts/gpu_profile.py: one ResNet-50 training step per provider under torch.profiler
 #                    (wall, host and device time, launches, top kernels)
@@ -63,7 +64,7 @@ WARM=${TRITON_WARM_CACHE:-scripts/triton-cache-sm90a.tar.xz}
 # every cache lookup and compile, one line each (scripts/triton_cache.py's logging cache manager)
 export TRITON_CACHE_LOG="$RESULTS/triton-cache.log" PYTHONPATH="$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_CACHE_MANAGER=triton_cache:LoggingFileCacheManager
-export FASTRES_BENCH_PROVIDERS=${FASTRES_BENCH_PROVIDERS:-fastres-triton,fastres-cuda,eager,compile}
+export FASTRES_BENCH_PROVIDERS=${FASTRES_BENCH_PROVIDERS:-fastres-triton,fastres-cuda,eager,compile,fastres-triton+graphs,fastres-cuda+graphs,graphs}
 
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
 
@@ -252,7 +253,7 @@ stage() {
     esac
 }
 
-[ $# -eq 0 ] && { sed -n '2,42p' "$0"; exit 2; }
+[ $# -eq 0 ] && { sed -n '2,43p' "$0"; exit 2; }
 say "results in $RESULTS$([ "$DRY" = 1 ] && echo ' (dry run: GPU-only steps skipped)')"
 for s in "$@"; do stage "$s"; done
 say "done, exit status $STATUS"

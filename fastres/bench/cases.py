@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from fastres.bench.baselines import EVAL_ONLY, FREEZING, ORT, onnx_missing
-from fastres.bench.config import Setup, compile_wanted, elt_size, is_compiled, is_fastres
+from fastres.bench.config import Setup, compile_wanted, elt_size, is_compiled, is_fastres, is_graphed
 from fastres.bench.models import BLOCKS, make_block, make_model
 from fastres.bench.ops import HOST_KINDS, OP_KINDS, make_host, make_op, op_cost, resnet50_conv_shapes
 
@@ -54,6 +54,9 @@ class Case:
         if self.provider.endswith("+frozen") and not eval_row:
             return "fastres.frozen is an inference mode: model-level eval rows only"
         pair = (self.provider, self.baseline)
+        if any(is_graphed(p) for p in pair) and not (setup.gpu and self.level == "models"
+                                                     and " train " in f" {self.name} "):
+            return "CUDA graphs (fastres.GraphedStep): model-level training rows on a GPU only"
         for p in pair:
             if p in EVAL_ONLY and not (eval_row and not setup.gpu):
                 return f"{p} is a CPU inference baseline: model-level eval rows on a CPU only"

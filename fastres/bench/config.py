@@ -105,6 +105,8 @@ def make_setup(device: Optional[str] = None, quick: bool = False, compile: Optio
         models = [ModelSpec("resnet50", 224, 256, (1, 32, 256), cl, cl),
                   ModelSpec("resnet18", 224, 256, (1, 32, 256), cl)]
         pairs = [(f"fastres-{b}", base) for base in ("eager", "compile") for b in backends]
+        # CUDA graphs: the whole training step replayed (fastres.GraphedStep), fastres and torchvision alike
+        pairs += [(f"fastres-{b}+graphs", GRAPHS) for b in backends]
         s = Setup(dev, torch.bfloat16, models, pairs, quick, warmup=5, rounds=20, round_s=1e-3,
                   compile=compile or "all", op_shapes=True)
         if quick:
@@ -158,6 +160,14 @@ def compile_wanted(setup: Setup, representative: bool) -> Optional[str]:
                 "or --compile some|all turns it on")
     return ("torch.compile limited to representative rows (compile='some': compiling every row takes minutes "
             "on a CPU); FASTRES_BENCH_COMPILE=all or --compile all times every row")
+
+
+GRAPHS = "graphs"   # the plain model's training step captured in one CUDA graph (fastres.GraphedStep)
+
+
+def is_graphed(provider: str) -> bool:
+    """Providers whose training step replays a CUDA graph: ``graphs``, ``fastres-<backend>+graphs``."""
+    return provider == GRAPHS or provider.endswith("+graphs")
 
 
 def is_fastres(provider: str) -> bool:

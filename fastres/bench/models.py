@@ -16,7 +16,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.bench.baselines import EVAL_ONLY, FREEZING, ORT, FreezingCall, OnnxRuntimeCall
-from fastres.bench.config import Setup, compiled, copy_weights, is_compiled, is_fastres, memory_format, provider_context
+from fastres.bench.config import (
+    Setup,
+    backend_of,
+    compiled,
+    copy_weights,
+    is_compiled,
+    is_fastres,
+    is_graphed,
+    memory_format,
+    provider_context,
+)
 from fastres.models.registry import get_model, model_info
 
 Tensor = torch.Tensor
@@ -85,6 +95,22 @@ class Step:
             self.frozen = fastres.frozen(self.module).__enter__()
         if provider == FREEZING:
             self.call = FreezingCall(self.module, self.x)
+        if is_graphed(provider):
+            self.call = self._graphed()
+
+    def _graphed(self):
+        """The training step captured once (warm-up and capture inside the provider's backend), replayed."""
+        from fastres.graphs import AutocastForward, GraphedStep
+
+        if self.mode != "train" or self.target is None:
+            raise LookupError(f"{self.provider}: CUDA graphs of a model's training step only")
+        import fastres
+
+        fwd = AutocastForward(self.module, self.setup.autocast) if self.setup.autocast is not None else self.module
+        backend = backend_of(self.provider) if is_fastres(self.provider) else "torch"
+        with fastres.use_backend(backend):   # (autocast inside AutocastForward, its weight cache off)
+            step = GraphedStep(fwd, self.opt, lambda out, y: F.cross_entropy(out.float(), y), self.x, self.target)
+        return lambda: step(self.x, self.target)
 
     def __call__(self):
         if self.call is not None:
