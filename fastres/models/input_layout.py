@@ -78,7 +78,7 @@ def _modules_ok(model: nn.Module) -> bool:
 def inference_input(model: nn.Module, x: Tensor) -> Tensor:
     """`x` as the model should read it: channels_last when the conditions above hold, else `x` itself.
     (The model itself, the first of model.modules(), may be any class: its forward is the caller.)"""
-    if torch.compiler.is_compiling() or model.training or not _tensor_ok(x) or not _context_ok() \
-            or not _stem_frozen(model) or not _modules_ok(model):
+    if torch.compiler.is_compiling() or model.training or not _context_ok() or not _tensor_ok(x) \
+            or not _stem_frozen(model) or not _modules_ok(model):   # (context first: vmap rejects some queries)
         return x
     return x.contiguous(memory_format=torch.channels_last)

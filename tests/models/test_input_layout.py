@@ -154,3 +154,14 @@ def test_traced_and_compiled_graphs_are_torchvisions():
         with torch.no_grad():
             y = torch.compile(probe, fullgraph=True, backend="eager")(x)
         assert y.is_contiguous()
+
+
+def test_vmap_inside_frozen_runs_as_without_it():
+    """torch.func.vmap: its batched tensors refuse a channels_last query, so the context is checked first."""
+    model = fastres.resnet20().eval()
+    x = torch.randn(2, 2, 3, 32, 32)
+    with torch.no_grad():
+        want = torch.func.vmap(model)(x)
+        with fastres.frozen(model):
+            got = torch.func.vmap(model)(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
