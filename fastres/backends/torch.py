@@ -31,6 +31,7 @@ import weakref
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwd_ad
 import torch.nn.functional as F
 from torch.optim import optimizer as _optim
 
@@ -143,7 +144,8 @@ def _onednn_usable(conv: torch.nn.Conv2d, x: Tensor, residual: Optional[Tensor])
     # ResNet-20 and ResNet-50 (0.85-0.9x) and is not used.
     if not (onednn_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and memory_format_of(x) == torch.channels_last and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and conv.weight.dtype == torch.float32):
+            and not torch.is_autocast_enabled("cpu") and conv.weight.dtype == torch.float32
+            and _fwd_ad._current_level < 0):   # (forward AD: oneDNN's op has no tangent formula: aten's path)
         return False
     if residual is None:
         return True

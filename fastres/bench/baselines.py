@@ -86,22 +86,33 @@ class OnnxRuntimeCall:
         return self.session.run(None, self.feed)[0]
 
 
+def _freezing_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
 class FreezingCall:
-    """torch.compile of the plain model with inductor's freezing, compiled (one call) when built."""
+    """torch.compile of the plain model with inductor's freezing, compiled (one call) when built.
+
+    Dynamo keeps compiled graphs per code object, across module instances, and its guards do not see
+    inductor's freezing flag: compiling ``module`` itself would reuse a plain compile row's graph of the
+    same class and shapes (then nothing is frozen), and a later plain row would reuse a frozen one (with
+    this instance's weights baked in). So the freezing graph is compiled from its own function,
+    :func:`_freezing_forward`, after clearing dynamo's caches (a previous freezing row of another instance)."""
 
     def __init__(self, module: nn.Module, x: torch.Tensor):
         if x.device.type != "cpu":
             raise LookupError(f"{FREEZING} is a CPU inference baseline here (got a tensor on {x.device})")
         raise_recompile_limit()
         self.module, self.x = module.eval(), x
-        self.fn = torch.compile(self.module, dynamic=False)
+        torch.compiler.reset()
+        self.fn = torch.compile(_freezing_forward, dynamic=False)
         self()
 
     def __call__(self):
         import torch._inductor.config as inductor_config
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.fn(self.x)
+            return self.fn(self.module, self.x)
 
 
 __all__ = ["ORT", "FREEZING", "EVAL_ONLY", "onnx_missing", "ort_session", "export_onnx", "OnnxRuntimeCall",

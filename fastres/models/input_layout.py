@@ -16,19 +16,22 @@ over the modules, ~0.1 ms on 2 cores against tens of milliseconds of convolution
 runs on the input as given, as torchvision would:
 
 * a CPU float32 tensor (exactly torch.Tensor, no subclass such as a FakeTensor), 4-D, NCHW-contiguous;
-* inference: the model in eval mode and gradients off (torch.no_grad / torch.inference_mode), so no
-  gradient, of the input or of a weight, comes back in another layout; no autocast;
+* inference: the model and every submodule in eval mode, gradients off (torch.no_grad /
+  torch.inference_mode) and no forward-mode AD level open, so no gradient or tangent comes back in
+  another layout (or is lost); no autocast;
 * not traced or transformed: not torch.compile / torch.export, torch.jit.trace, torch.fx, torch.func;
 * the model's stem BatchNorm (bn1) inside an active fastres.frozen context;
 * every submodule of a type whose code fastres knows (:func:`allow`: the fused blocks, nn.Conv2d,
-  nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...) and no module hook anywhere: a hook or a user's own
-  module (a swapped head, a replaced activation) sees exactly the tensors torchvision would give it.
+  nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...), none with a forward replaced on the instance, and no
+  module hook anywhere: a hook or a user's own code (a swapped head, a replaced activation, a patched
+  forward) sees exactly the tensors torchvision would give it.
 """
 from __future__ import annotations
 
 from typing import Set
 
 import torch
+import torch.autograd.forward_ad as _fwd_ad
 import torch.nn as nn
 
 from fastres.backends import torch as aten_backend
@@ -57,8 +60,8 @@ def _tensor_ok(x) -> bool:
 
 
 def _context_ok() -> bool:
-    return not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-                or torch.jit.is_tracing() or _functorch_active()
+    return not (torch.is_grad_enabled() or _fwd_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active()
                 or _mm._global_forward_hooks or _mm._global_forward_pre_hooks)
 
 
@@ -70,7 +73,8 @@ def _stem_frozen(model: nn.Module) -> bool:
 def _modules_ok(model: nn.Module) -> bool:
     allowed = _ALLOWED
     for i, m in enumerate(model.modules()):
-        if (i and type(m) not in allowed) or m._forward_hooks or m._forward_pre_hooks:
+        if (i and (type(m) not in allowed or m.training or "forward" in m.__dict__)) or m._forward_hooks \
+                or m._forward_pre_hooks:
             return False
     return True
 

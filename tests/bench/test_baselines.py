@@ -133,3 +133,27 @@ def test_summary_tables_speeds_over_eager(tmp_path):
     line = next(x for x in vs.splitlines() if x.startswith("| resnet50 infer b8 64px nchw | 170 |"))
     assert "**2.53x** (68)" in line and "**1.68x** (100)" in line and "**1.06x** (160)" in line
     assert "resnet50 train" not in vs.split("###")[0]
+
+
+def test_freezing_baseline_is_frozen_even_after_a_plain_compile_row():
+    """Dynamo reuses graphs per code object across instances, blind to inductor's freezing flag: the
+    freezing baseline compiles its own function after a reset, so it freezes even when a plain compile of
+    the same class and shapes ran first, and a later plain compile reads its own weights."""
+    import torch.nn as nn
+
+    from fastres.bench.baselines import FreezingCall
+    from fastres.bench.config import compiled
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+
+    torch.manual_seed(0)
+    a, b, c = net(), net(), net()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        compiled(a)(x)
+        frozen = FreezingCall(b, x)
+        before = frozen()
+        b[0].weight.mul_(2)            # a frozen graph baked the old weights in: its output stays
+        torch.testing.assert_close(frozen(), before, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(c)(x), c(x))
