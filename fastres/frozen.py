@@ -22,7 +22,8 @@ What no cache can see, and what therefore needs ``refresh()`` inside the context
 conv weight through ``w.data`` (it has its own version counter) or of a conv weight that is an inference
 tensor (those have none). On exit every fold of `model` is dropped; nothing outlives the context. Calls
 that need gradients of the weights (autograd on, parameters requiring grad), torch.compile, export and
-tracing take the default path inside the context too.
+tracing take the default path inside the context too. Under forward-mode AD the fold runs through aten's
+convolution, not the prepacked oneDNN one (which has no tangent formula).
 """
 from __future__ import annotations
 
