@@ -16,11 +16,11 @@ import sys
 import pytest
 import torch
 from numerics import tol
+from train_helpers import run_cut_after_first_checkpoint
 
 from fastres import graphs
 from fastres.train import cli as ftrain
 from fastres.train import graphed as fgraphed
-from fastres.train import trainer as ftrainer
 
 THREADS = ["--threads", "1", "--no-progress"]
 # 56 digits (random crops: the RNG is in use) in batches of 16: 3 full batches and one of 8 per epoch;
@@ -145,16 +145,7 @@ def test_trainer_captures_at_each_lr_and_trains_as_without_the_flag(tmp_path, st
 def test_resume_of_a_run_with_the_flag_continues_it(tmp_path, stand_in, monkeypatch):
     args = [*TINY, "--device", "cpu", "--cuda-graphs"]
     full = ftrain.main([*args, "--out", str(tmp_path / "full")])
-    real_save = ftrainer.atomic_save
-
-    def save_then_stop(obj, path):
-        real_save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ftrainer, "atomic_save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        ftrain.main([*args, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(ftrainer, "atomic_save", real_save)
+    run_cut_after_first_checkpoint(monkeypatch, [*args, "--out", str(tmp_path / "cut")])
     epoch1 = str(tmp_path / "epoch1.pt")
     shutil.copy(tmp_path / "cut" / "checkpoint.pt", epoch1)
     stand_in.lrs = []
@@ -214,16 +205,7 @@ def test_gpu_run_with_the_flag_trains_as_without_it(tmp_path, on_gpu, amp, dtype
 def test_gpu_checkpoint_written_with_the_flag_resumes(tmp_path, on_gpu, monkeypatch):
     args = [*TINY, "--device", "cuda", "--cuda-graphs"]
     full = ftrain.main([*args, "--out", str(tmp_path / "full")])
-    real_save = ftrainer.atomic_save
-
-    def save_then_stop(obj, path):
-        real_save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ftrainer, "atomic_save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        ftrain.main([*args, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(ftrainer, "atomic_save", real_save)
+    run_cut_after_first_checkpoint(monkeypatch, [*args, "--out", str(tmp_path / "cut")])
     epoch1 = str(tmp_path / "epoch1.pt")
     shutil.copy(tmp_path / "cut" / "checkpoint.pt", epoch1)
     _close_run(full, ftrain.main([*args, "--out", str(tmp_path / "cut"), "--resume"]), torch.float32)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from train_helpers import run_cut_after_first_checkpoint
 
 from fastres.train import cli as ftrain
 from fastres.train import data as fdata
@@ -184,16 +185,7 @@ def test_resume_continues_as_if_uninterrupted(tmp_path, monkeypatch):
     full = ftrain.main(args + ["--out", str(tmp_path / "full")])
 
     # Interrupt the second run right after its first checkpoint was written.
-    real_save = ftrainer.atomic_save
-
-    def save_then_stop(obj, path):
-        real_save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ftrainer, "atomic_save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        ftrain.main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(ftrainer, "atomic_save", real_save)
+    run_cut_after_first_checkpoint(monkeypatch, args + ["--out", str(tmp_path / "cut")])
     assert [f for f in os.listdir(tmp_path / "cut") if f.startswith(".tmp")] == []
     resumed = ftrain.main(args + ["--out", str(tmp_path / "cut"), "--resume"])
 
