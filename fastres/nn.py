@@ -34,6 +34,7 @@ from fastres.ops.common import aten_reason
 from fastres.ops.conv_bn_act import conv_bn_act
 
 Tensor = torch.Tensor
+_vouched = aten_backend.vouched
 
 __all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
            "plain_forward_needed", "is_plain_relu", "FusedConvBN2d", "FusedConvBNReLU2d"]
@@ -128,7 +129,13 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
 
     Runs the two modules themselves (exact, hooks honoured) when they cannot be fused, carry hooks, are
     being traced by torch.fx, or are a SyncBatchNorm training across processes. All of it is checked on
-    every call (a module's attributes, hooks and class can change between calls)."""
+    every call (a module's attributes, hooks and class can change between calls), except what a vouched
+    model call checked once for all its layers (fastres.backends.torch.conv_bn_act_vouched)."""
+    if _vouched.on:
+        y = aten_backend.conv_bn_act_vouched(x, conv, bn, residual, relu)
+        if y is not None:
+            backend.count("conv_bn_act", "forward", "torch")
+            return y
     if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
         # The usual pair, checked by attribute reads: unfusable_reason's structural checks (its class
         # checks hold by the exact types), plain_forward_needed (no SyncBatchNorm, no frozen BN here).

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastres.models.input_layout import allow, inference_input
+from fastres.models.input_layout import allow, head, inference_call, vouch
 from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut, stem_forward
 
 Tensor = torch.Tensor
@@ -55,10 +55,11 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = stem_forward(self, inference_input(self, x))   # channels_last for CPU inference
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
+        x, ok = inference_call(self, x)   # channels_last for CPU inference (input_layout)
+        with vouch(ok):
+            x = stem_forward(self, x)
+            x = self.layer3(self.layer2(self.layer1(x)))
+            return head(self.fc, torch.flatten(self.avgpool(x), 1), ok)
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, shortcut={self.shortcut!r}"

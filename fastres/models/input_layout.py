@@ -15,7 +15,8 @@ Converted only when nobody can see an intermediate tensor or its layout, checked
 over the modules, ~0.1 ms on 2 cores against tens of milliseconds of convolutions); otherwise the model
 runs on the input as given, as torchvision would:
 
-* a CPU float32 tensor (exactly torch.Tensor, no subclass such as a FakeTensor), 4-D, NCHW-contiguous;
+* a CPU float32 tensor (exactly torch.Tensor, no subclass such as a FakeTensor), 4-D, NCHW-contiguous
+  (converted) or channels_last (kept);
 * inference: the model and every submodule in eval mode, gradients off (torch.no_grad /
   torch.inference_mode) and no forward-mode AD level open, so no gradient or tangent comes back in
   another layout (or is lost); no autocast;
@@ -24,27 +25,36 @@ runs on the input as given, as torchvision would:
 * every submodule of a type whose code fastres knows (:func:`allow`: the fused blocks, nn.Conv2d,
   nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...), none with a forward replaced on the instance, and no
   module hook anywhere: a hook or a user's own code (a swapped head, a replaced activation, a patched
-  forward) sees exactly the tensors torchvision would give it.
+  forward) sees exactly the tensors torchvision would give it;
+* the torch backend chosen for conv_bn_act on the CPU.
+
+The same check vouches for the whole call (:func:`inference_call`, :class:`vouch`): while the model's body
+runs, its (conv, BN) pairs skip the per-layer checks it made for all of them, which on ResNet-50 at batch 8
+cost about as much host time as a tenth of its convolutions (fastres/backends/torch.py,
+conv_bn_act_vouched). Each layer still checks what may differ between layers, and every fold is
+still validated on every call by the cache's own rules.
 """
 from __future__ import annotations
 
-from typing import Set
+from typing import Set, Tuple
 
 import torch
 import torch.autograd.forward_ad as _fwd_ad
 import torch.nn as nn
 
+from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
 
 Tensor = torch.Tensor
 
-__all__ = ["allow", "inference_input"]
+__all__ = ["allow", "head", "inference_call", "inference_input", "vouch", "vouched"]
 
 _ALLOWED: Set[type] = {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear,
                        nn.Sequential, nn.Identity, nn.Dropout, nn.Flatten, FusedConvBN2d, FusedConvBNReLU2d}
 
 _mm = torch.nn.modules.module  # where the global module hooks live
+_vouched = aten_backend.vouched
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
@@ -55,14 +65,16 @@ def allow(*classes: type) -> None:
 
 
 def _tensor_ok(x) -> bool:
+    """A CPU float32 4-D tensor (exactly torch.Tensor) in NCHW or channels_last."""
     return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 
 
 def _context_ok() -> bool:
     return not (torch.is_grad_enabled() or _fwd_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")
-                or torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active()
-                or _mm._global_forward_hooks or _mm._global_forward_pre_hooks)
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or _functorch_active() or _mm._global_forward_hooks or _mm._global_forward_pre_hooks
+                or _mm._global_backward_hooks or _mm._global_backward_pre_hooks)
 
 
 def _stem_frozen(model: nn.Module) -> bool:
@@ -74,15 +86,61 @@ def _modules_ok(model: nn.Module) -> bool:
     allowed = _ALLOWED
     for i, m in enumerate(model.modules()):
         if (i and (type(m) not in allowed or m.training or "forward" in m.__dict__)) or m._forward_hooks \
-                or m._forward_pre_hooks:
+                or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return False
     return True
 
 
-def inference_input(model: nn.Module, x: Tensor) -> Tensor:
-    """`x` as the model should read it: channels_last when the conditions above hold, else `x` itself.
-    (The model itself, the first of model.modules(), may be any class: its forward is the caller.)"""
+def inference_call(model: nn.Module, x: Tensor) -> Tuple[Tensor, bool]:
+    """(`x` as the model should read it, whether the call is vouched for): when the conditions above
+    hold, an NCHW `x` converted to channels_last (a channels_last one as it is) and True: the model's
+    (conv, BN) pairs may then skip the per-layer checks this one made for all of them
+    (fastres.backends.torch.conv_bn_act_vouched; the model runs its body under :class:`vouch`).
+    Otherwise (`x`, False). (The model itself, the first of model.modules(), may be any class: its
+    forward is the caller.)"""
     if torch.compiler.is_compiling() or model.training or not _context_ok() or not _tensor_ok(x) \
             or not _stem_frozen(model) or not _modules_ok(model):   # (context first: vmap rejects some queries)
-        return x
-    return x.contiguous(memory_format=torch.channels_last)
+        return x, False
+    try:
+        if backend.resolve_cached("conv_bn_act", x.device) != "torch":
+            return x, False
+    except Exception:   # a backend that cannot run here: the first layer raises the error that says so
+        return x, False
+    return x.contiguous(memory_format=torch.channels_last), True
+
+
+def inference_input(model: nn.Module, x: Tensor) -> Tensor:
+    """`x` as the model should read it (:func:`inference_call`'s first value)."""
+    return inference_call(model, x)[0]
+
+
+class vouch:
+    """``with vouch(ok): ...`` runs the body as a vouched call when `ok` (restoring the previous state on
+    exit, also on an exception, and for nested model calls)."""
+
+    __slots__ = ("ok", "prev")
+
+    def __init__(self, ok: bool) -> None:
+        self.ok = ok
+
+    def __enter__(self) -> None:
+        self.prev = _vouched.on
+        _vouched.on = self.ok
+
+    def __exit__(self, *exc) -> None:
+        _vouched.on = self.prev
+
+
+def vouched() -> bool:
+    """Whether the running model call is vouched for (see :func:`inference_call`)."""
+    return _vouched.on
+
+
+def head(fc: nn.Module, x: Tensor, vouched: bool) -> Tensor:
+    """The model's classifier `fc` on the pooled features `x`: in a vouched call an nn.Linear runs through
+    oneDNN's matmul (fastres.backends.torch.linear_vouched), else as the module."""
+    if vouched:
+        y = aten_backend.linear_vouched(x, fc)
+        if y is not None:
+            return y
+    return fc(x)

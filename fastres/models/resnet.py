@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.models.input_layout import allow, inference_input
+from fastres.models.input_layout import allow, head, inference_call, vouch, vouched
 from fastres.nn import conv_bn_act_modules, is_plain_relu, plain_forward_needed, unfusable_reason
 
 Tensor = torch.Tensor
@@ -155,8 +155,8 @@ def _plain_needed(block: nn.Module) -> bool:
     it, any of its modules has hooks (see fastres.nn.plain_forward_needed), or its `relu` is not a plain
     nn.ReLU (replaced by another activation: the fused ReLU would stand in for a module that is not there).
     Checked on every call."""
-    # every module inside the block (the block's own hooks run anyway: it is called as a module)
-    return not is_plain_relu(block.relu) or plain_forward_needed(*list(block.modules())[1:])
+    # every module inside the block (its own hooks run anyway); a vouched model call checked them all
+    return not is_plain_relu(block.relu) or (not vouched() and plain_forward_needed(*list(block.modules())[1:]))
 
 
 # torchvision's forwards, module by module, written once: the fused blocks run them when they must call
@@ -327,15 +327,16 @@ class FusedResNet(nn.Module):
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     """Stem (fused conv1 + bn1 + ReLU), maxpool, the four stages, pool, fc. CPU inference on NCHW input
     runs in channels_last (fastres.models.input_layout)."""
-    x = stem_forward(model, inference_input(model, x))
-    x = model.maxpool(x)
-    x = model.layer1(x)
-    x = model.layer2(x)
-    x = model.layer3(x)
-    x = model.layer4(x)
-    x = model.avgpool(x)
-    x = torch.flatten(x, 1)
-    return model.fc(x)
+    x, ok = inference_call(model, x)
+    with vouch(ok):
+        x = stem_forward(model, x)
+        x = model.maxpool(x)
+        x = model.layer1(x)
+        x = model.layer2(x)
+        x = model.layer3(x)
+        x = model.layer4(x)
+        x = model.avgpool(x)
+        return head(model.fc, torch.flatten(x, 1), ok)
 
 
 def stem_forward(model: nn.Module, x: Tensor) -> Tensor:

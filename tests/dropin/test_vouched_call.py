@@ -1,0 +1,153 @@
+"""A vouched model call inside fastres.frozen (fastres.models.input_layout.inference_call): the model checks
+once per call what holds for all its layers, and each (conv, BN) pair then runs
+fastres.backends.torch.conv_bn_act_vouched, which checks only what may differ between layers.
+
+Proved here: the vouched path is taken where it should be (else the rest proves nothing) and nowhere
+else; it gives bit for bit what the per-layer path gives; a layer that changed between calls (a swapped
+BatchNorm, a swapped activation, a new padding mode or dilation) still runs as the module it now is, within
+the house rule of a fresh torchvision model with the same change; the vouched state never leaks (an
+exception inside the call, another thread). What users do to the weights between calls inside frozen (every
+optimizer form, .data edits, recalibration, load_state_dict) is test_workflows.py's job: its fused models
+take this path.
+"""
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+from numerics import assert_as_good
+from workflow_helpers import batch, check_eval, make
+
+import fastres
+from fastres.backends import torch as aten_backend
+from fastres.models import input_layout, resnet
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts of vouched layer calls that ran (hit) and that handed over to the full path (miss)."""
+    counts = {"hit": 0, "miss": 0}
+    real = aten_backend.conv_bn_act_vouched
+
+    def counted(*args):
+        y = real(*args)
+        counts["hit" if y is not None else "miss"] += 1
+        return y
+
+    monkeypatch.setattr(aten_backend, "conv_bn_act_vouched", counted)
+    return counts
+
+
+def _n_pairs(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch,fmt", [("basic", torch.contiguous_format), ("bottleneck", torch.channels_last)],
+                         ids=["basic-nchw", "bottleneck-channels_last"])
+def test_vouched_call_is_taken_and_equals_the_per_layer_path_bit_for_bit(arch, fmt, spy, monkeypatch):
+    """(The head through aten's F.linear in both runs here: its oneDNN matmul has a test of its own.)"""
+    model = make(arch).eval()
+    x = batch(3, fmt)
+    monkeypatch.setattr(aten_backend, "linear_vouched", lambda t, fc: torch.nn.functional.linear(t, fc.weight, fc.bias))
+    with torch.no_grad(), fastres.frozen(model):
+        model(x)                      # the first call packs every weight on the full path
+        spy["hit"] = spy["miss"] = 0
+        got = model(x)
+        assert spy == {"hit": _n_pairs(model), "miss": 0}
+        monkeypatch.setattr(resnet, "inference_call",
+                            lambda m, t: (t.contiguous(memory_format=torch.channels_last), False))
+        spy["hit"] = 0
+        per_layer = model(x)
+        assert spy["hit"] == 0
+    torch.testing.assert_close(got, per_layer, rtol=0, atol=0)
+    check_eval(model, arch, x)
+
+
+@pytest.mark.parametrize("case", ["outside frozen", "hook", "train mode", "grad enabled", "float64"])
+def test_not_vouched_where_a_check_fails(case, spy):
+    model = make("basic").eval()
+    x = batch(4)
+    grad = torch.enable_grad() if case == "grad enabled" else torch.no_grad()
+    if case == "hook":
+        model.layer3[1].bn1.register_forward_hook(lambda m, i, o: None)
+    if case == "train mode":
+        model.layer2.train()
+    if case == "float64":
+        model.double()
+        x = x.double()
+    ctx = fastres.frozen(model) if case != "outside frozen" else torch.no_grad()
+    with grad, ctx:
+        model(x)
+        model(x)
+    assert spy == {"hit": 0, "miss": 0}
+
+
+def _swap_bn(m: nn.Module) -> None:
+    old = m.layer2[1].bn2
+    new = nn.BatchNorm2d(old.num_features).eval()
+    new.load_state_dict(old.state_dict())
+    m.layer2[1].bn2 = new
+
+
+SWAPS = {
+    "new BatchNorm module": _swap_bn,
+    "ReLU -> SiLU": lambda m: setattr(m.layer3[0], "relu", nn.SiLU()),
+    "padding_mode reflect": lambda m: setattr(m.layer1[1].conv1, "padding_mode", "reflect"),
+    "dilation 2": lambda m: (setattr(m.layer2[1].conv1, "dilation", (2, 2)),
+                             setattr(m.layer2[1].conv1, "padding", (2, 2))),
+}
+
+
+@pytest.mark.parametrize("swap", list(SWAPS))
+def test_a_layer_changed_between_calls_runs_as_what_it_now_is(swap, spy):
+    model = make("basic").eval()
+    with fastres.frozen(model):
+        check_eval(model, "basic")    # packs every weight
+        spy["hit"] = spy["miss"] = 0
+        check_eval(model, "basic")
+        assert spy == {"hit": _n_pairs(model), "miss": 0}
+        SWAPS[swap](model)
+        for call in range(2):         # the first call after the change, and the one after it
+            check_eval(model, "basic", swaps=SWAPS[swap], what=f"call {call} after {swap}")
+
+
+def test_vouched_state_is_reset_after_an_exception_and_is_per_thread():
+    model = make("basic").eval()
+    bad = torch.randn(2, 5, 64, 64)     # 5 channels: the stem conv raises
+    with torch.no_grad(), fastres.frozen(model):
+        model(batch(1))
+        with pytest.raises(RuntimeError):
+            model(bad)
+        assert not input_layout.vouched()
+        seen = []
+        with input_layout.vouch(True):
+            worker = threading.Thread(target=lambda: seen.append(input_layout.vouched()))
+            worker.start()
+            worker.join()
+            assert input_layout.vouched()
+        assert seen == [False] and not input_layout.vouched()
+    check_eval(model, "basic", what="after the failed call")
+
+
+@pytest.mark.parametrize("batch_size,bias", [(1, True), (8, True), (16, False)])
+def test_vouched_head_is_nn_linear_within_the_house_rule(batch_size, bias, monkeypatch):
+    torch.manual_seed(batch_size)
+    fc = nn.Linear(512, 10, bias=bias).eval()
+    x = torch.randn(batch_size, 512)
+    model = make("basic").eval()
+    model.fc = fc
+    feats = []
+    real = aten_backend.linear_vouched
+
+    def spy(t, m):
+        feats.append(t)
+        return real(t, m)
+
+    monkeypatch.setattr(aten_backend, "linear_vouched", spy)
+    with torch.no_grad(), fastres.frozen(model):
+        model(batch(2))
+        assert len(feats) == 1          # the head ran through it
+        got = real(x, fc)
+    assert got is not None
+    want = torch.nn.functional.linear(x.double(), fc.weight.double(), None if fc.bias is None else fc.bias.double())
+    assert_as_good(got, fc(x), want, "vouched head")
