@@ -1,15 +1,34 @@
-"""What every fused op shares, whatever it fuses: when a fused backend may run its kernels directly,
-why a call must run as aten ops instead, autocast of the data operands, and the differentiable backward
-(a backward run with create_graph=True)."""
+"""What every fused op shares, whatever it fuses: the BatchNorm arguments as one record (BNSpec), when
+a fused backend may run its kernels directly, why a call must run as aten ops instead, autocast of the
+data operands, and the differentiable backward (a backward run with create_graph=True)."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["eager", "plain_eager", "aten_reason", "autocast_operands", "differentiable_backward"]
+__all__ = ["BNSpec", "eager", "plain_eager", "aten_reason", "autocast_operands", "differentiable_backward"]
+
+
+class BNSpec(NamedTuple):
+    """The BatchNorm's arguments as one typed record: what travels from a module (fastres.nn) or a
+    public functional to the boundary where it is flattened, the torch.library custom op, the
+    autograd.Function (autograd sees only its top-level tensors) or a backend function, whose
+    signatures keep the flat order (weight, bias, running_mean, running_var, ..., training, momentum,
+    eps). Built once per call: fields are read (or the record unpacked), never copied into a new one.
+
+    training: normalise with the batch statistics (and update running_mean/running_var in place when
+    given) or with the running ones; momentum: the effective factor (1/num_batches_tracked for
+    momentum=None). tests/ops/test_bnspec.py holds the field order to the schemas and the contract."""
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    training: bool
+    momentum: float
+    eps: float
 
 
 def eager() -> bool:

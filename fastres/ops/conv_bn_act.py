@@ -13,6 +13,8 @@ modules call: on the torch backend it runs aten's ops directly (fastres/backends
 backend it validates its inputs with errors that say what was expected, applies autocast, and runs
 the kernels through _ConvBNAct (directly in eager mode, through the custom ops when traced). In plain
 eager mode those decisions are made once per key and remembered (the plans at the end of this file).
+Inside, the BatchNorm arguments travel as one fastres.ops.common.BNSpec, flattened only where a backend
+function, a custom op or _ConvBNAct is called.
 
 What the forward saves for backward, and why:
 * x, weight (and conv bias): convolution_backward needs them for dW and dx (eager conv saves them too).
@@ -33,7 +35,7 @@ from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.errors import InputDtypeError
 from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
-from fastres.ops.common import aten_reason, autocast_operands, differentiable_backward, eager, plain_eager
+from fastres.ops.common import BNSpec, aten_reason, autocast_operands, differentiable_backward, eager, plain_eager
 from fastres.ops.conv_bn_act_checks import IntPair, conv_spec, explain
 
 Tensor = torch.Tensor
@@ -122,7 +124,8 @@ def _conv_bn_act_backward_flop(grad_y_shape, x_shape, w_shape, *args, out_shape=
 class _ConvBNAct(torch.autograd.Function):
     """Autograd of conv_bn_act on a fused backend (triton, cuda). (An op that mutates its inputs - the
     running statistics - cannot take torch.library.register_autograd, so the op is wrapped in an
-    autograd.Function; torch.compile traces through it.)
+    autograd.Function; torch.compile traces through it.) Its arguments are the custom op's, flat: autograd
+    tracks only top-level tensors (bn_weight, bn_bias), so a BNSpec is flattened where it is applied.
 
     In eager mode the backend's forward/backward run directly; under tracing through the custom ops.
     A backward run with autograd on (``create_graph=True``: double backward, gradient penalties, hvp)
@@ -204,72 +207,71 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
 
     On the torch backend this is aten's conv2d -> batch_norm -> add_ -> relu_ (autocast as aten does it);
     a bad call is explained by :func:`explain` when aten rejects it. On a fused backend the inputs are
-    checked first, then the kernels run through _ConvBNAct.
+    checked first, then the kernels run through _ConvBNAct. (The BatchNorm arguments travel on as one
+    BNSpec: :func:`run_conv_bn_act`.)
     """
+    bn = BNSpec(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    return run_conv_bn_act(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
+
+
+def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BNSpec, residual: Optional[Tensor],
+                    stride: IntPair, padding: IntPair, dilation: IntPair, groups: int, relu: bool) -> Tensor:
+    """:func:`conv_bn_act` with its BatchNorm arguments as one BNSpec (what fastres.nn's modules call).
+    The record is flattened where the backend, the custom op or _ConvBNAct is called."""
     if type(x) in _TENSOR_TYPES or isinstance(x, Tensor):
         try:
             name = backend.resolve_cached(OP, x.device)
         except backend.BackendUnavailableError:
             name = "torch"   # (the general path below raises it, after the checks that come first)
         if name != "torch" and plain_eager():
-            return _planned(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                            stride, padding, dilation, groups, training, momentum, eps, relu)
-    return _general(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                    dilation, groups, training, momentum, eps, relu)
+            return _planned(name, x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
+    return _general(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
 
 
-def _general(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
-             groups, training, momentum, eps, relu) -> Tensor:
+def _general(x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups, relu) -> Tensor:
     """conv_bn_act decided afresh: the torch backend, tracing, and calls the plans do not take."""
     stride, padding, dilation, groups = conv_spec(stride, padding, dilation, groups)
     if not isinstance(x, Tensor) or x.dim() != 4:
-        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                dilation, groups, training)
+        explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
     if backend.resolve_cached(OP, x.device) != "torch":   # a fused backend is asked for: choose once
         name = backend.choose(OP, "forward", x.device, counted=eager(),
                               aten_reason=aten_reason(x), **_support_args(
-                                  x, weight, residual, stride, padding, dilation, groups, training, relu))
+                                  x, weight, residual, stride, padding, dilation, groups, bn.training, relu))
         if name != "torch":
-            return _fused(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-                          padding, dilation, groups, training, momentum, eps, relu)
+            return _fused(name, x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
     else:
         backend.count(OP, "forward", "torch")
-    return _aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                 dilation, groups, training, momentum, eps, relu)
+    return _aten(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
 
 
-def _aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
-          groups, training, momentum, eps, relu) -> Tensor:
+def _aten(x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups, relu) -> Tensor:
     """The call as aten ops (the torch backend, or a hand-over), its errors explained."""
     if residual is not None and list(residual.shape) != conv_out_shape(x.shape, weight.shape, stride, padding,
                                                                        dilation):
-        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                dilation, groups, training)
+        explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
+    gamma, beta, running_mean, running_var, training, momentum, eps = bn
     try:
-        y = aten_backend.conv_bn_act_aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                          residual, stride, padding, dilation, groups, training, momentum,
-                                          eps, relu)
+        y = aten_backend.conv_bn_act_aten(x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
+                                          padding, dilation, groups, training, momentum, eps, relu)
     except (RuntimeError, ValueError, TypeError, IndexError):
-        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                dilation, groups, training)
+        explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
         raise
     return y
 
 
-def _fused(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-           dilation, groups, training, momentum, eps, relu) -> Tensor:
-    explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-            dilation, groups, training)
+def _fused(name, x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups, relu) -> Tensor:
+    explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
     x, weight, bias, residual = autocast_operands(x.device.type, (x, weight, bias, residual))
     if residual is not None and residual.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
+    gamma, beta, running_mean, running_var, training, momentum, eps = bn
     if eager() and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual))):
+            t is not None and t.requires_grad for t in (x, weight, bias, gamma, beta, residual))):
         # nothing to differentiate: the backend's forward directly, no autograd node, no ReLU mask
         return backend.module(name).conv_bn_act_forward(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
+            x, weight, bias, gamma, beta, running_mean, running_var, residual, stride, padding, dilation,
             int(groups), bool(training), float(momentum), float(eps), bool(relu), False)[0]
-    return _ConvBNAct.apply(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+    return _ConvBNAct.apply(name, x, weight, bias, gamma, beta, running_mean, running_var, residual,
                             stride, padding, dilation, int(groups), bool(training), float(momentum),
                             float(eps), bool(relu))
 
@@ -300,13 +302,13 @@ class _CallPlan(NamedTuple):
     fmt: torch.memory_format             # x's memory format (after autocast): grad_y's in backward
 
 
-def _planned(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-             dilation, groups, training, momentum, eps, relu) -> Tensor:
+def _planned(name, x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups, relu) -> Tensor:
     mod = backend.module(name)
     dev = x.device.type
     cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     grad = torch.is_grad_enabled()
-    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
+    gamma, beta, running_mean, running_var, training, momentum, eps = bn
+    tensors = (x, weight, bias, gamma, beta, running_mean, running_var, residual)
     try:
         key = (mod, grad, cast, stride, padding, dilation, groups, training, relu,
                *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors])
@@ -314,10 +316,9 @@ def _planned(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     except KeyError:
         plan = None
     except (AttributeError, TypeError):   # a non-tensor argument, an unhashable conv argument (a list)
-        return _general(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-                        padding, dilation, groups, training, momentum, eps, relu)
+        return _general(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
     if plan is None:
-        plan = _plan(name, mod, cast, grad, *tensors, stride, padding, dilation, groups, training, relu)
+        plan = _plan(name, mod, cast, grad, x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -325,40 +326,38 @@ def _planned(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     stride, padding, dilation, groups = plan.spec
     if plan.why is not None:
         backend.log_handover(OP, "forward", name, plan.why)
-        return _aten(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-                     dilation, groups, training, momentum, eps, relu)
+        return _aten(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
     if plan.cast is not None:
         dt = plan.cast
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
         residual = None if residual is None else residual.to(dt)
     if plan.autograd:
-        return _ConvBNAct.apply(plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                                stride, padding, dilation, groups, bool(training), float(momentum), float(eps),
-                                bool(relu))
+        return _ConvBNAct.apply(plan, x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
+                                padding, dilation, groups, bool(training), float(momentum), float(eps), bool(relu))
     # nothing to differentiate: the backend's forward directly, no autograd node, no ReLU mask
-    return plan.mod.conv_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                                        stride, padding, dilation, groups, bool(training), float(momentum),
-                                        float(eps), bool(relu), False)[0]
+    return plan.mod.conv_bn_act_forward(x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
+                                        padding, dilation, groups, bool(training), float(momentum), float(eps),
+                                        bool(relu), False)[0]
 
 
-def _plan(name, mod, cast, grad, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-          padding, dilation, groups, training, relu) -> _CallPlan:
+def _plan(name, mod, cast, grad, x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups,
+          relu) -> _CallPlan:
     """The decisions of _general for a call of this key, in its order, with its errors (which raise)."""
     spec = conv_spec(stride, padding, dilation, groups)
     stride, padding, dilation, groups = spec
     if x.dim() != 4:
-        explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *spec, training)
+        explain(x, weight, bias, bn, residual, *spec)
     why = aten_reason(x)   # (in plain eager mode: only meta tensors)
     if why is None:
         why = "; ".join(backend.reasons(name, OP, **_support_args(
-            x, weight, residual, stride, padding, dilation, groups, training, relu))) or None
+            x, weight, residual, stride, padding, dilation, groups, bn.training, relu))) or None
     if why is not None:   # handed to torch, as backend.choose() hands it
         return _CallPlan("torch", None, (OP, "forward", f"{name}->torch"), why, spec, None, False,
                          memory_format_of(x))
-    explain(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *spec, training)
+    explain(x, weight, bias, bn, residual, *spec)
     x, weight, bias, residual = autocast_operands(x.device.type, (x, weight, bias, residual))
     if residual is not None and residual.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
-    autograd = grad and any(t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual))
+    autograd = grad and any(t is not None and t.requires_grad for t in (x, weight, bias, bn.weight, bn.bias, residual))
     return _CallPlan(name, mod, (OP, "forward", name), None, spec, cast, autograd, memory_format_of(x))

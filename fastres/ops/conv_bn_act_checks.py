@@ -11,6 +11,7 @@ import torch
 
 from fastres.errors import InputDtypeError, InputShapeError
 from fastres.layout import conv_out_shape
+from fastres.ops.common import BNSpec
 
 Tensor = torch.Tensor
 
@@ -57,21 +58,20 @@ def conv_spec(stride: IntPair, padding: IntPair, dilation: IntPair, groups: int)
         return _spec.__wrapped__(stride, padding, dilation, groups)
 
 
-def _check(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-           stride, padding, dilation, groups: int, training: bool) -> None:
+def _check(x: Tensor, weight: Tensor, bias, bn: BNSpec, residual, stride, padding, dilation, groups: int) -> None:
     """Raise the error that says what was expected for a bad call. What it checks is the tensors'
     metadata (shape, dtype, device), so a call that passed is remembered per metadata key (_checked);
     symbolic sizes (tracing) or non-tensor arguments are checked without it."""
     if not isinstance(x, Tensor):
         raise TypeError(f"conv_bn_act: expected a 4-D tensor input (N, C, H, W), got {type(x).__name__}")
-    tensors = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual)
+    tensors = (x, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual)
     try:
         metas = [None if t is None else (t.shape, t.dtype, t.device) for t in tensors]
-        _checked(*metas, tuple(stride), tuple(padding), tuple(dilation), groups, bool(training))
+        _checked(*metas, tuple(stride), tuple(padding), tuple(dilation), groups, bool(bn.training))
         return
     except (AttributeError, TypeError):   # (an unhashable key, or a bad call: checked again below)
         pass
-    _check_tensors(*tensors, stride, padding, dilation, groups, training)
+    _check_tensors(*tensors, stride, padding, dilation, groups, bn.training)
 
 
 class _Meta:
@@ -133,11 +133,9 @@ def _check_tensors(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
                          f"{torch.Size(shape)}")
 
 
-def explain(x: Tensor, weight: Tensor, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-            stride, padding, dilation, groups: int, training: bool) -> None:
+def explain(x: Tensor, weight: Tensor, bias, bn: BNSpec, residual, stride, padding, dilation, groups: int) -> None:
     """Raise the error that says what was expected for a bad call (nothing when the call is good)."""
-    _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-           dilation, groups, training)
+    _check(x, weight, bias, bn, residual, stride, padding, dilation, groups)
     dev = x.device.type
     if not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)) and weight.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
