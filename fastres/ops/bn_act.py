@@ -10,7 +10,8 @@ The same kernels as conv_bn_act's BatchNorm part (the math: fastres/ops/referenc
 On the torch backend :func:`bn_act` runs aten's batch_norm -> add_ -> relu_ (torchvision's ops). On a
 fused backend the call chooses its backend once (fastres.backends.choose) and runs the kernels through
 _BNAct, directly in eager mode and through the custom ops when traced. Saved for backward: x (it is
-z), the fp32 mean and invstd, and the 1-bit ReLU mask.
+z), the fp32 mean and invstd, and the 1-bit ReLU mask. Inside, the BatchNorm arguments travel as one
+fastres.ops.common.BNSpec, flattened where a backend function, a custom op or _BNAct is called.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.errors import InputDtypeError, InputShapeError
 from fastres.layout import memory_format_of, stats_dtype
-from fastres.ops.common import aten_reason, autocast_operands, differentiable_backward, eager
+from fastres.ops.common import BNSpec, aten_reason, autocast_operands, differentiable_backward, eager
 
 Tensor = torch.Tensor
 OP = "bn_act"
@@ -69,7 +70,8 @@ def _(grad_y, x, mask, mean, invstd, bn_weight, training, relu, needs):
 
 class _BNAct(torch.autograd.Function):
     """Autograd of bn_act on a fused backend (an op that mutates the running statistics cannot take
-    register_autograd). A create_graph backward differentiates the aten form instead."""
+    register_autograd). A create_graph backward differentiates the aten form instead. Its arguments are
+    the custom op's, flat (autograd tracks only top-level tensors): a BNSpec is flattened where it is applied."""
 
     @staticmethod
     def forward(ctx, name, x, bn_weight, bn_bias, running_mean, running_var, residual, training, momentum, eps,
@@ -111,7 +113,7 @@ class _BNAct(torch.autograd.Function):
         return (None, dx, dg, db, None, None, dres) + (None,) * 4
 
 
-def _check(x: Tensor, bn_weight, bn_bias, running_mean, running_var, residual, training: bool) -> None:
+def _check(x: Tensor, bn: BNSpec, residual) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"bn_act: expected a 4-D tensor input (N, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
@@ -119,20 +121,20 @@ def _check(x: Tensor, bn_weight, bn_bias, running_mean, running_var, residual, t
     if not x.is_floating_point():
         raise InputDtypeError(f"bn_act: expected a floating-point input, got {x.dtype}")
     c = x.shape[1]
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (("bn_weight", bn.weight), ("bn_bias", bn.bias), ("running_mean", bn.running_mean),
+                    ("running_var", bn.running_var)):
         if t is not None and tuple(t.shape) != (c,):
             raise InputShapeError(f"bn_act: expected {name} of shape ({c},) for an input with {c} channels, "
                                   f"got {tuple(t.shape)}")
         if t is not None and t.device != x.device:
             raise RuntimeError(f"bn_act: expected {name} on the input's device {x.device}, got {t.device}")
-    if (running_mean is None) != (running_var is None):
+    if (bn.running_mean is None) != (bn.running_var is None):
         raise InputShapeError("bn_act: running_mean and running_var must be given together")
-    if not training and running_mean is None:
+    if not bn.training and bn.running_mean is None:
         raise InputShapeError("bn_act: eval mode (training=False) needs running_mean and running_var")
     if residual is not None and residual.shape != x.shape:
         raise InputShapeError(f"bn_act: expected residual of shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+    if bn.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 
 
@@ -141,28 +143,36 @@ def bn_act(x: Tensor, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tens
            residual: Optional[Tensor] = None, *, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
            relu: bool = False) -> Tensor:
     """y = act(batch_norm(x) (+ residual)), in one fused op (running statistics as conv_bn_act's)."""
+    return run_bn_act(x, BNSpec(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps), residual,
+                      relu)
+
+
+def run_bn_act(x: Tensor, bn: BNSpec, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """:func:`bn_act` with its BatchNorm arguments as one BNSpec (what fastres.nn's modules call), flattened
+    where the backend, the custom op or _BNAct is called."""
     if isinstance(x, Tensor) and residual is not None and residual.shape != x.shape:
-        _check(x, bn_weight, bn_bias, running_mean, running_var, residual, training)   # (the add would broadcast)
+        _check(x, bn, residual)   # (the add would broadcast)
+    gamma, beta, running_mean, running_var, training, momentum, eps = bn
     if isinstance(x, Tensor) and backend.resolve_cached(OP, x.device) != "torch":
         name = backend.choose(OP, "forward", x.device, counted=eager(), aten_reason=aten_reason(x),
                               **_support_args(x, residual, training, relu))
         if name != "torch":
-            _check(x, bn_weight, bn_bias, running_mean, running_var, residual, training)
+            _check(x, bn, residual)
             x, residual = autocast_operands(x.device.type, (x, residual))
             if residual is not None and residual.dtype != x.dtype:
                 raise InputDtypeError(f"bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
             if eager() and not (torch.is_grad_enabled() and any(
-                    t is not None and t.requires_grad for t in (x, bn_weight, bn_bias, residual))):
-                return backend.module(name).bn_act_forward(x, bn_weight, bn_bias, running_mean, running_var, residual,
+                    t is not None and t.requires_grad for t in (x, gamma, beta, residual))):
+                return backend.module(name).bn_act_forward(x, gamma, beta, running_mean, running_var, residual,
                                                            bool(training), float(momentum), float(eps), bool(relu),
                                                            False)[0]
-            return _BNAct.apply(name, x, bn_weight, bn_bias, running_mean, running_var, residual, bool(training),
+            return _BNAct.apply(name, x, gamma, beta, running_mean, running_var, residual, bool(training),
                                 float(momentum), float(eps), bool(relu))
     else:
         backend.count(OP, "forward", "torch")
     try:
-        return aten_backend.bn_act_aten(x, bn_weight, bn_bias, running_mean, running_var, residual, training,
-                                        momentum, eps, relu)
+        return aten_backend.bn_act_aten(x, gamma, beta, running_mean, running_var, residual, training, momentum, eps,
+                                        relu)
     except (RuntimeError, ValueError, TypeError, IndexError):
-        _check(x, bn_weight, bn_bias, running_mean, running_var, residual, training)
+        _check(x, bn, residual)
         raise
