@@ -29,9 +29,9 @@ from torch.nn.modules import module as _module_mod
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.errors import InputShapeError
-from fastres.ops.bn_act import bn_act
-from fastres.ops.common import aten_reason
-from fastres.ops.conv_bn_act import conv_bn_act
+from fastres.ops.bn_act import run_bn_act
+from fastres.ops.common import BNSpec, aten_reason
+from fastres.ops.conv_bn_act import run_conv_bn_act
 
 Tensor = torch.Tensor
 _vouched = aten_backend.vouched
@@ -170,10 +170,8 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
     batch_stats, keep, factor, count = _bn_rules(bn, tracked)
     if not batch_stats:
         return _eval(x, conv, bn, residual, relu, bn.eps, (weight, bias, gamma, beta, rm, rv))
-    y = conv_bn_act(
-        x, weight, bias, gamma, beta, rm if keep else None, rv if keep else None, residual,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        training=True, momentum=factor, eps=bn.eps, relu=relu)
+    bn_spec = BNSpec(gamma, beta, rm if keep else None, rv if keep else None, True, factor, bn.eps)
+    y = run_conv_bn_act(x, weight, bias, bn_spec, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
     if count:
         tracked.add_(1)
     return y
@@ -228,11 +226,12 @@ def bn_act_modules(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, 
             y = y + residual
         return F.relu(y) if relu else y
     if is_frozen_bn(bn):
-        return bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual, training=False, momentum=0.0,
-                      eps=bn.eps, relu=relu)
+        return run_bn_act(x, BNSpec(bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps),
+                          residual, relu)
     batch_stats, keep, factor, count = _bn_rules(bn, bn.num_batches_tracked)
-    y = bn_act(x, bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None, residual,
-               training=batch_stats, momentum=factor, eps=bn.eps, relu=relu)
+    bn_spec = BNSpec(bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None,
+                  batch_stats, factor, bn.eps)
+    y = run_bn_act(x, bn_spec, residual, relu)
     if count:
         bn.num_batches_tracked.add_(1)
     return y
@@ -253,9 +252,10 @@ def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor],
             return y
     if tensors is None:
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return conv_bn_act(
-        x, *tensors, residual, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-        groups=conv.groups, training=False, momentum=0.0, eps=eps, relu=relu)
+    weight, bias, gamma, beta, rm, rv = tensors
+    bn_spec = BNSpec(gamma, beta, rm, rv, False, 0.0, eps)
+    return run_conv_bn_act(x, weight, bias, bn_spec, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
+                           relu)
 
 
 class FusedConvBN2d(nn.Module):
