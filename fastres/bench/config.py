@@ -121,8 +121,10 @@ def make_setup(device: Optional[str] = None, quick: bool = False, compile: Optio
               ModelSpec("resnet50", 224, 0, (1,), both)]   # inference only: one image at ImageNet size
     # fastres-torch+frozen: eval inside fastres.frozen (BatchNorm folded once, oneDNN prepacking), model rows;
     # onnxruntime and compile+freezing: inference baselines, model eval rows (fastres/bench/baselines.py)
+    # frozen against the inference baselines directly too: the comparison a CPU server would make
     pairs = [("fastres-torch", "eager"), ("fastres-torch+frozen", "eager"), ("fastres-torch+compile", "compile"),
-             ("fastres-torch", "onnxruntime"), ("fastres-torch", "compile+freezing")]
+             ("fastres-torch", "onnxruntime"), ("fastres-torch", "compile+freezing"),
+             ("fastres-torch+frozen", "onnxruntime"), ("fastres-torch+frozen", "compile+freezing")]
     s = Setup(dev, None, models, pairs, quick, warmup=2, rounds=10, compile=compile or "some", op_image=64,
               op_batch=8, block_image=64, block_batch=16, block_formats=both)
     if quick:

@@ -111,7 +111,8 @@ def test_cpu_setup_times_real_cpu_sizes():
                                                           for k in ("fwd", "infer", "fwdbwd")}
     assert full.pairs == [("fastres-torch", "eager"), ("fastres-torch+frozen", "eager"),
                           ("fastres-torch+compile", "compile"), ("fastres-torch", "onnxruntime"),
-                          ("fastres-torch", "compile+freezing")]   # the last two: tests/bench/test_baselines.py
+                          ("fastres-torch", "compile+freezing"), ("fastres-torch+frozen", "onnxruntime"),
+                          ("fastres-torch+frozen", "compile+freezing")]   # the last four: tests/bench/test_baselines.py
     compiled = [c for c in bcases.cases(full, "models") if c.baseline == "compile" and c.skip_reason(full) is None]
     assert {c.name for c in compiled} >= {"resnet18 train b16 64px nchw", "resnet18 infer b16 64px channels_last"}
     assert quick.rounds < full.rounds and quick.compile == "none"
