@@ -115,20 +115,24 @@ def inference_input(model: nn.Module, x: Tensor) -> Tensor:
 
 
 class vouch:
-    """``with vouch(ok): ...`` runs the body as a vouched call when `ok` (restoring the previous state on
-    exit, also on an exception, and for nested model calls)."""
+    """``with vouch(ok): ...`` runs the body as a vouched call when `ok`, and resets that on exit (also on
+    an exception). A call that is not vouched leaves the state alone and does not even read it (so that
+    torch.compile, where `ok` is always False, traces no thread-local state), and a nested model call in
+    a vouched one stays vouched: the outer call's check covered every module under it."""
 
-    __slots__ = ("ok", "prev")
+    __slots__ = ("ok", "set")
 
     def __init__(self, ok: bool) -> None:
         self.ok = ok
 
     def __enter__(self) -> None:
-        self.prev = _vouched.on
-        _vouched.on = self.ok
+        self.set = self.ok and not _vouched.on
+        if self.set:
+            _vouched.on = True
 
     def __exit__(self, *exc) -> None:
-        _vouched.on = self.prev
+        if self.set:
+            _vouched.on = False
 
 
 def vouched() -> bool:

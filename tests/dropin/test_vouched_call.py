@@ -151,3 +151,20 @@ def test_vouched_head_is_nn_linear_within_the_house_rule(batch_size, bias, monke
     assert got is not None
     want = torch.nn.functional.linear(x.double(), fc.weight.double(), None if fc.bias is None else fc.bias.double())
     assert_as_good(got, fc(x), want, "vouched head")
+
+
+def test_a_call_that_is_not_vouched_does_not_touch_the_thread_state():
+    """torch.compile traces the model's forward with the vouch False: writing (or reading) the thread-local
+    there made dynamo guard on it and then fail that guard in the same frame (test_compile_graphs.py, run
+    alone in a fresh process). Checked in a fresh thread, whose thread-local state is still empty."""
+    state = []
+
+    def fresh_thread():
+        with input_layout.vouch(False):
+            state.append(dict(aten_backend.vouched.__dict__))
+        state.append(dict(aten_backend.vouched.__dict__))
+
+    worker = threading.Thread(target=fresh_thread)
+    worker.start()
+    worker.join()
+    assert state == [{}, {}]
