@@ -13,8 +13,9 @@ modules call: on the torch backend it runs aten's ops directly (fastres/backends
 backend it validates its inputs with errors that say what was expected, applies autocast, and runs
 the kernels through _ConvBNAct (directly in eager mode, through the custom ops when traced). In plain
 eager mode those decisions are made once per key and remembered (the plans at the end of this file).
-Inside, the BatchNorm arguments travel as one fastres.ops.common.BNSpec, flattened only where a backend
-function, a custom op or _ConvBNAct is called.
+Inside, the BatchNorm arguments travel as one fastres.ops.common.BNSpec and the convolution's as one
+checked ConvSpec (fastres.ops.conv_bn_act_checks), each flattened only where a backend function, a
+custom op or _ConvBNAct is called.
 
 What the forward saves for backward, and why:
 * x, weight (and conv bias): convolution_backward needs them for dW and dx (eager conv saves them too).
@@ -36,7 +37,7 @@ from fastres.backends import torch as aten_backend
 from fastres.errors import InputDtypeError
 from fastres.layout import conv_out_shape, memory_format_of, stats_dtype
 from fastres.ops.common import BNSpec, aten_reason, autocast_operands, differentiable_backward, eager, plain_eager
-from fastres.ops.conv_bn_act_checks import IntPair, conv_spec, explain
+from fastres.ops.conv_bn_act_checks import ConvSpec, IntPair, conv_spec, explain
 
 Tensor = torch.Tensor
 OP = "conv_bn_act"
@@ -44,6 +45,8 @@ OP = "conv_bn_act"
 
 def _support_args(x: Tensor, weight: Tensor, residual: Optional[Tensor], stride, padding, dilation,
                   groups: int, training: bool, relu: bool) -> dict:
+    """The keyword arguments of the backends' conv_bn_act_supports (the contract), flat: a ConvSpec is
+    unpacked into this call."""
     return dict(x=x, weight=weight, residual=residual, stride=stride, padding=padding,
                 dilation=dilation, groups=groups, training=training, relu=relu)
 
@@ -208,7 +211,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
     On the torch backend this is aten's conv2d -> batch_norm -> add_ -> relu_ (autocast as aten does it);
     a bad call is explained by :func:`explain` when aten rejects it. On a fused backend the inputs are
     checked first, then the kernels run through _ConvBNAct. (The BatchNorm arguments travel on as one
-    BNSpec: :func:`run_conv_bn_act`.)
+    BNSpec: :func:`run_conv_bn_act`; the convolution's as one ConvSpec, from the first decision inside.)
     """
     bn = BNSpec(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     return run_conv_bn_act(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
@@ -217,7 +220,9 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, bn_wei
 def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BNSpec, residual: Optional[Tensor],
                     stride: IntPair, padding: IntPair, dilation: IntPair, groups: int, relu: bool) -> Tensor:
     """:func:`conv_bn_act` with its BatchNorm arguments as one BNSpec (what fastres.nn's modules call).
-    The record is flattened where the backend, the custom op or _ConvBNAct is called."""
+    The conv arguments come as given (they key the plans: a ConvSpec's lists are not hashable) and
+    become one ConvSpec at the first decision: the plan's, or conv_spec() in _general. Each record is
+    flattened where the backend, the custom op or _ConvBNAct is called."""
     if type(x) in _TENSOR_TYPES or isinstance(x, Tensor):
         try:
             name = backend.resolve_cached(OP, x.device)
@@ -229,42 +234,44 @@ def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BNSpe
 
 
 def _general(x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups, relu) -> Tensor:
-    """conv_bn_act decided afresh: the torch backend, tracing, and calls the plans do not take."""
-    stride, padding, dilation, groups = conv_spec(stride, padding, dilation, groups)
+    """conv_bn_act decided afresh: the torch backend, tracing, and calls the plans do not take. The
+    conv arguments as given become the call's one ConvSpec here."""
+    conv = conv_spec(stride, padding, dilation, groups)
     if not isinstance(x, Tensor) or x.dim() != 4:
-        explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
+        explain(x, weight, bias, bn, residual, conv)
     if backend.resolve_cached(OP, x.device) != "torch":   # a fused backend is asked for: choose once
-        name = backend.choose(OP, "forward", x.device, counted=eager(),
-                              aten_reason=aten_reason(x), **_support_args(
-                                  x, weight, residual, stride, padding, dilation, groups, bn.training, relu))
+        name = backend.choose(OP, "forward", x.device, counted=eager(), aten_reason=aten_reason(x),
+                              **_support_args(x, weight, residual, *conv, bn.training, relu))
         if name != "torch":
-            return _fused(name, x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
+            return _fused(name, x, weight, bias, bn, residual, conv, relu)
     else:
         backend.count(OP, "forward", "torch")
-    return _aten(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
+    return _aten(x, weight, bias, bn, residual, conv, relu)
 
 
-def _aten(x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups, relu) -> Tensor:
+def _aten(x, weight, bias, bn: BNSpec, residual, conv: ConvSpec, relu) -> Tensor:
     """The call as aten ops (the torch backend, or a hand-over), its errors explained."""
-    if residual is not None and list(residual.shape) != conv_out_shape(x.shape, weight.shape, stride, padding,
-                                                                       dilation):
-        explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
+    if residual is not None and list(residual.shape) != conv_out_shape(x.shape, weight.shape, conv.stride,
+                                                                       conv.padding, conv.dilation):
+        explain(x, weight, bias, bn, residual, conv)
     gamma, beta, running_mean, running_var, training, momentum, eps = bn
+    stride, padding, dilation, groups = conv
     try:
         y = aten_backend.conv_bn_act_aten(x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
                                           padding, dilation, groups, training, momentum, eps, relu)
     except (RuntimeError, ValueError, TypeError, IndexError):
-        explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
+        explain(x, weight, bias, bn, residual, conv)
         raise
     return y
 
 
-def _fused(name, x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups, relu) -> Tensor:
-    explain(x, weight, bias, bn, residual, stride, padding, dilation, groups)
+def _fused(name, x, weight, bias, bn: BNSpec, residual, conv: ConvSpec, relu) -> Tensor:
+    explain(x, weight, bias, bn, residual, conv)
     x, weight, bias, residual = autocast_operands(x.device.type, (x, weight, bias, residual))
     if residual is not None and residual.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
     gamma, beta, running_mean, running_var, training, momentum, eps = bn
+    stride, padding, dilation, groups = conv
     if eager() and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, gamma, beta, residual))):
         # nothing to differentiate: the backend's forward directly, no autograd node, no ReLU mask
@@ -278,13 +285,14 @@ def _fused(name, x, weight, bias, bn: BNSpec, residual, stride, padding, dilatio
 
 # ---- plans: what a call decides, remembered per key ----------------------------------------------
 # In plain eager mode (fastres.ops.common.plain_eager: read per call), everything conv_bn_act decides
-# before its kernels run is a function of the key below: the conv arguments' checks and ConvSpec, the
-# input checks (metadata: explain), the backend's answer (supports: metadata, by the contract), the
-# autocast dtype and the residual's dtype after it, whether an autograd node is needed (grad mode,
-# requires_grad), and x's memory format after autocast (shape and strides). The key holds each tensor's
-# (shape, strides, dtype, device, requires_grad), the backend module resolved for (op, device, the
-# user's choice), grad mode, the autocast dtype, and the plain arguments as given. Nothing in a plan is
-# derived from a tensor's values. A bad call raises while its plan is built, and is never remembered.
+# before its kernels run is a function of the key below: the conv arguments' checks and ConvSpec (the
+# record each call of the key then carries), the input checks (metadata: explain), the backend's answer
+# (supports: metadata, by the contract), the autocast dtype and the residual's dtype after it, whether
+# an autograd node is needed (grad mode, requires_grad), and x's memory format after autocast (shape and
+# strides). The key holds each tensor's (shape, strides, dtype, device, requires_grad), the backend
+# module resolved for (op, device, the user's choice), grad mode, the autocast dtype, and the plain
+# arguments as given. Nothing in a plan is derived from a tensor's values. A bad call raises while its
+# plan is built, and is never remembered.
 
 _TENSOR_TYPES = (Tensor, torch.nn.Parameter)   # (a type() test is cheaper than isinstance: these go first)
 _PLANS: dict = {}
@@ -296,7 +304,7 @@ class _CallPlan(NamedTuple):
     mod: object                          # its module
     counted: Tuple[str, str, str]        # the key of fastres.backends.calls this call counts under
     why: Optional[str]                   # a hand-over's reason (logged per call, as choose() does)
-    spec: tuple                          # the checked ConvSpec
+    conv: ConvSpec                       # the checked conv arguments: the record each call of the key carries
     cast: Optional[torch.dtype]          # autocast's dtype for x, weight, bias and residual, or None
     autograd: bool                       # through _ConvBNAct (grad mode on, an input requires grad)
     fmt: torch.memory_format             # x's memory format (after autocast): grad_y's in backward
@@ -323,15 +331,15 @@ def _planned(name, x, weight, bias, bn: BNSpec, residual, stride, padding, dilat
             _PLANS.clear()
         _PLANS[key] = plan
     backend.calls[plan.counted] += 1   # (count(), without its tracing checks: plain eager traces nothing)
-    stride, padding, dilation, groups = plan.spec
     if plan.why is not None:
         backend.log_handover(OP, "forward", name, plan.why)
-        return _aten(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
+        return _aten(x, weight, bias, bn, residual, plan.conv, relu)
     if plan.cast is not None:
         dt = plan.cast
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
         residual = None if residual is None else residual.to(dt)
+    stride, padding, dilation, groups = plan.conv   # (the call's record, flattened for _ConvBNAct / the backend)
     if plan.autograd:
         return _ConvBNAct.apply(plan, x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
                                 padding, dilation, groups, bool(training), float(momentum), float(eps), bool(relu))
@@ -343,21 +351,21 @@ def _planned(name, x, weight, bias, bn: BNSpec, residual, stride, padding, dilat
 
 def _plan(name, mod, cast, grad, x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, groups,
           relu) -> _CallPlan:
-    """The decisions of _general for a call of this key, in its order, with its errors (which raise)."""
-    spec = conv_spec(stride, padding, dilation, groups)
-    stride, padding, dilation, groups = spec
+    """The decisions of _general for a call of this key, in its order, with its errors (which raise).
+    The conv arguments as given become the ConvSpec every call of this key then carries."""
+    conv = conv_spec(stride, padding, dilation, groups)
     if x.dim() != 4:
-        explain(x, weight, bias, bn, residual, *spec)
+        explain(x, weight, bias, bn, residual, conv)
     why = aten_reason(x)   # (in plain eager mode: only meta tensors)
     if why is None:
         why = "; ".join(backend.reasons(name, OP, **_support_args(
-            x, weight, residual, stride, padding, dilation, groups, bn.training, relu))) or None
+            x, weight, residual, *conv, bn.training, relu))) or None
     if why is not None:   # handed to torch, as backend.choose() hands it
-        return _CallPlan("torch", None, (OP, "forward", f"{name}->torch"), why, spec, None, False,
+        return _CallPlan("torch", None, (OP, "forward", f"{name}->torch"), why, conv, None, False,
                          memory_format_of(x))
-    explain(x, weight, bias, bn, residual, *spec)
+    explain(x, weight, bias, bn, residual, conv)
     x, weight, bias, residual = autocast_operands(x.device.type, (x, weight, bias, residual))
     if residual is not None and residual.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected residual of the input's dtype {x.dtype}, got {residual.dtype}")
     autograd = grad and any(t is not None and t.requires_grad for t in (x, weight, bias, bn.weight, bn.bias, residual))
-    return _CallPlan(name, mod, (OP, "forward", name), None, spec, cast, autograd, memory_format_of(x))
+    return _CallPlan(name, mod, (OP, "forward", name), None, conv, cast, autograd, memory_format_of(x))

@@ -22,8 +22,12 @@ IntPair = Union[int, Sequence[int]]
 
 
 class ConvSpec(NamedTuple):
-    """The convolution's arguments as one typed record (what travels from a module to a backend;
-    flattened only at the torch.library boundary, whose schema takes int[] lists)."""
+    """The convolution's arguments as one typed record, checked (:func:`conv_spec`): what travels inside
+    conv_bn_act from the call's first decision to the boundary where it is flattened, the torch.library
+    custom op (whose schema takes int[] lists), the autograd.Function or a backend function, whose
+    signatures keep the flat order (stride, padding, dilation, groups). Built (or taken from a call plan)
+    once per call: fields are read (or the record unpacked), never copied into a new one. (The plans' key
+    holds the arguments as given instead: the record's lists are not hashable.)"""
     stride: List[int]
     padding: List[int]
     dilation: List[int]
@@ -58,13 +62,15 @@ def conv_spec(stride: IntPair, padding: IntPair, dilation: IntPair, groups: int)
         return _spec.__wrapped__(stride, padding, dilation, groups)
 
 
-def _check(x: Tensor, weight: Tensor, bias, bn: BNSpec, residual, stride, padding, dilation, groups: int) -> None:
+def _check(x: Tensor, weight: Tensor, bias, bn: BNSpec, residual, conv: ConvSpec) -> None:
     """Raise the error that says what was expected for a bad call. What it checks is the tensors'
-    metadata (shape, dtype, device), so a call that passed is remembered per metadata key (_checked);
-    symbolic sizes (tracing) or non-tensor arguments are checked without it."""
+    metadata (shape, dtype, device), so a call that passed is remembered per metadata key (_checked:
+    the records flattened into it, the lists as tuples); symbolic sizes (tracing) or non-tensor
+    arguments are checked without it."""
     if not isinstance(x, Tensor):
         raise TypeError(f"conv_bn_act: expected a 4-D tensor input (N, C, H, W), got {type(x).__name__}")
     tensors = (x, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual)
+    stride, padding, dilation, groups = conv
     try:
         metas = [None if t is None else (t.shape, t.dtype, t.device) for t in tensors]
         _checked(*metas, tuple(stride), tuple(padding), tuple(dilation), groups, bool(bn.training))
@@ -133,9 +139,9 @@ def _check_tensors(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
                          f"{torch.Size(shape)}")
 
 
-def explain(x: Tensor, weight: Tensor, bias, bn: BNSpec, residual, stride, padding, dilation, groups: int) -> None:
+def explain(x: Tensor, weight: Tensor, bias, bn: BNSpec, residual, conv: ConvSpec) -> None:
     """Raise the error that says what was expected for a bad call (nothing when the call is good)."""
-    _check(x, weight, bias, bn, residual, stride, padding, dilation, groups)
+    _check(x, weight, bias, bn, residual, conv)
     dev = x.device.type
     if not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)) and weight.dtype != x.dtype:
         raise InputDtypeError(f"conv_bn_act: expected weight of the input's dtype {x.dtype}, got {weight.dtype} "
