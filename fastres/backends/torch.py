@@ -271,7 +271,7 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
     if entry is None:
         return None
     _, w, b, packed, packed_for, _ = entry
-    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)   # (copies)
     if _onednn_usable(conv, x, residual):
         shape = (tuple(x.shape), geometry)
         try:
@@ -313,12 +313,14 @@ _CL = torch.channels_last
 def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, residual: Optional[Tensor],
                         relu: bool) -> Optional[Tensor]:
     """:func:`conv_bn_act_frozen`'s oneDNN path inside a vouched model call (above), checking what may
-    differ from layer to layer: exact nn.Conv2d / nn.BatchNorm2d with zero padding mode, the fold still
+    differ from layer to layer: exact nn.Conv2d / nn.BatchNorm2d with zero padding mode and running
+    statistics (without them eval normalises with batch statistics), oneDNN enabled, the fold still
     valid (every rule of the cache, as on the full path), a weight already prepacked for this input
     shape and geometry, channels_last fp32 data, a residual of the output's shape. None: the caller
     takes the full path (which packs, or explains)."""
     if type(conv) is not torch.nn.Conv2d or type(bn) is not torch.nn.BatchNorm2d or conv.padding_mode != "zeros" \
-            or x.dtype is not torch.float32 or not x.is_contiguous(memory_format=_CL):
+            or x.dtype is not torch.float32 or not x.is_contiguous(memory_format=_CL) or not onednn_enabled \
+            or bn.running_mean is None or bn.running_var is None:   # (no running statistics: batch statistics)
         return None
     entry = _entry(conv, bn, bn.eps)
     if entry is None or entry[3] is None or entry[4] != (x.shape, (conv.stride, conv.padding, conv.dilation,
@@ -336,12 +338,22 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
     return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
 
 
+# Heads with fewer weights run aten's F.linear: oneDNN's op costs ~12 us per call before any work, and
+# measured (2 CPU cores, batch 1 / 8 / 64) 0.16-0.31x F.linear on a 64 -> 10 CIFAR head, 0.41-0.94x on
+# 512 -> 100, 0.85x on 256 -> 1000 at batch 1; 1.17-2.2x on 512 -> 1000 and 1.5-2.3x on 2048 -> 1000
+# (ResNet-18/34 and ResNet-50/101/152 ImageNet heads) at batch 1-256.
+_ONEDNN_HEAD_MIN = 500_000
+
+
 def linear_vouched(x: Tensor, fc: torch.nn.Module) -> Optional[Tensor]:
-    """A vouched call's head, nn.Linear's math through oneDNN's matmul on the live weight (nothing cached:
-    measured 1.6-1.9x aten's F.linear at ResNet-50's 2048 -> 1000 head on 2 CPU cores, batch 1-16), or None:
-    the caller runs the module. fp32 2-D input on the CPU, an exact nn.Linear with fp32 weights."""
+    """A vouched call's head, nn.Linear's math through oneDNN's matmul on the live weight (nothing cached),
+    for heads of at least _ONEDNN_HEAD_MIN weights (above), or None: the caller runs the module. fp32 2-D
+    input on the CPU, an exact nn.Linear with fp32 weights, all three contiguous (oneDNN's op ignores a
+    bias's strides: a strided view gave wrong logits, an expanded one NaN, in review)."""
     if type(fc) is not torch.nn.Linear or x.dim() != 2 or x.dtype is not torch.float32 \
-            or fc.weight.dtype is not torch.float32 or not onednn_enabled:
+            or fc.weight.dtype is not torch.float32 or not onednn_enabled or not x.is_contiguous() \
+            or not fc.weight.is_contiguous() or not (fc.bias is None or fc.bias.is_contiguous()) \
+            or fc.weight.numel() < _ONEDNN_HEAD_MIN:
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, "none", [], "")

@@ -10,6 +10,7 @@ exception inside the call, another thread). What users do to the weights between
 optimizer form, .data edits, recalibration, load_state_dict) is test_workflows.py's job: its fused models
 take this path.
 """
+import copy
 import threading
 
 import pytest
@@ -89,8 +90,14 @@ def _swap_bn(m: nn.Module) -> None:
     m.layer2[1].bn2 = new
 
 
+def _no_running_stats(m: nn.Module) -> None:
+    bn = m.layer2[1].bn1
+    bn.running_mean = bn.running_var = None   # eval then normalises with batch statistics (found in review)
+
+
 SWAPS = {
     "new BatchNorm module": _swap_bn,
+    "no running statistics": _no_running_stats,
     "ReLU -> SiLU": lambda m: setattr(m.layer3[0], "relu", nn.SiLU()),
     "padding_mode reflect": lambda m: setattr(m.layer1[1].conv1, "padding_mode", "reflect"),
     "dilation 2": lambda m: (setattr(m.layer2[1].conv1, "dilation", (2, 2)),
@@ -131,8 +138,9 @@ def test_vouched_state_is_reset_after_an_exception_and_is_per_thread():
 
 @pytest.mark.parametrize("batch_size,bias", [(1, True), (8, True), (16, False)])
 def test_vouched_head_is_nn_linear_within_the_house_rule(batch_size, bias, monkeypatch):
+    """(512 -> 1000: ResNet-18's ImageNet head; smaller heads run F.linear, test below.)"""
     torch.manual_seed(batch_size)
-    fc = nn.Linear(512, 10, bias=bias).eval()
+    fc = nn.Linear(512, 1000, bias=bias).eval()
     x = torch.randn(batch_size, 512)
     model = make("basic").eval()
     model.fc = fc
@@ -168,3 +176,46 @@ def test_a_call_that_is_not_vouched_does_not_touch_the_thread_state():
     worker.start()
     worker.join()
     assert state == [{}, {}]
+
+
+def _strided_bias(fc):
+    fc.bias = nn.Parameter(torch.randn(2 * fc.out_features)[::2])
+
+
+def _expanded_bias(fc):
+    fc.bias = nn.Parameter(torch.randn(1).expand(fc.out_features))
+
+
+@pytest.mark.parametrize("head", ["strided bias", "expanded bias", "small head"])
+def test_heads_oneDNN_would_get_wrong_or_slow_run_as_nn_linear(head):
+    """oneDNN's matmul reads a bias as contiguous (a strided view gave wrong logits, an expanded one NaN:
+    found in review) and is slower than F.linear on small heads: those run the module, and the model
+    inside frozen still gives what it gives outside, by the house rule."""
+    model = make("basic").eval()
+    if head == "small head":
+        assert aten_backend.linear_vouched(torch.randn(2, 512), model.fc) is None   # 512 -> 10
+    else:
+        model.fc = nn.Linear(512, 1000).eval()
+        (_strided_bias if head == "strided bias" else _expanded_bias)(model.fc)
+        assert aten_backend.linear_vouched(torch.randn(2, 512), model.fc) is None
+    x = batch(5)
+    with torch.no_grad():
+        want = model(x)
+        oracle = copy.deepcopy(model).double()(x.double())
+        with fastres.frozen(model):
+            model(x)
+            got = model(x)
+    assert_as_good(got, want, oracle, f"logits, {head}")
+
+
+def test_onednn_switched_off_is_honoured_by_a_vouched_call(spy, monkeypatch):
+    model = make("basic").eval()
+    x = batch(6)
+    with torch.no_grad(), fastres.frozen(model):
+        model(x)
+        model(x)
+        assert spy["hit"] > 0
+        monkeypatch.setattr(aten_backend, "onednn_enabled", False)
+        spy["hit"] = 0
+        model(x)
+        assert spy["hit"] == 0
