@@ -118,7 +118,8 @@ def make_setup(device: Optional[str] = None, quick: bool = False, compile: Optio
     models = [ModelSpec("resnet18", 64, 16, (16,), both, both),
               ModelSpec("resnet50", 64, 8, (8,), both),
               ModelSpec("resnet20", 32, 32, (32,), both, ("nchw",)),
-              ModelSpec("resnet50", 224, 0, (1,), both)]   # inference only: one image at ImageNet size
+              ModelSpec("resnet50", 224, 0, (1,), both),   # inference only: one image at ImageNet size
+              ModelSpec("resnet18", 224, 0, (1,), both)]
     # fastres-torch+frozen: eval inside fastres.frozen (BatchNorm folded once, oneDNN prepacking), model rows;
     # onnxruntime and compile+freezing: inference baselines, model eval rows (fastres/bench/baselines.py)
     # frozen against the inference baselines directly too: the comparison a CPU server would make

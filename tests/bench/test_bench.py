@@ -105,7 +105,8 @@ def test_cpu_setup_times_real_cpu_sizes():
     for name in ("resnet18 train b16 64px nchw", "resnet18 infer b16 64px channels_last",
                  "resnet50 train b8 64px channels_last", "resnet50 infer b8 64px nchw",
                  "resnet20 train b32 32px nchw", "resnet20 infer b32 32px channels_last",
-                 "resnet50 infer b1 224px nchw", "resnet50 infer b1 224px channels_last"):
+                 "resnet50 infer b1 224px nchw", "resnet50 infer b1 224px channels_last",
+                 "resnet18 infer b1 224px nchw", "resnet18 infer b1 224px channels_last"):
         assert name in names
     assert {c.name for c in bcases.cases(full, "ops")} == {f"host conv3x3-bn-relu 2x8x4x4 {k}"
                                                           for k in ("fwd", "infer", "fwdbwd")}
