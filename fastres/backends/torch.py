@@ -167,6 +167,13 @@ def conv_bn_act_onednn(x: Tensor, packed: Tensor, bias: Tensor, residual: Option
     return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "relu" if relu else "none", [], "")
 
 
+def _run_packed(x: Tensor, conv: torch.nn.Conv2d, packed: Tensor, bias: Tensor, residual: Optional[Tensor],
+                relu: bool) -> Tensor:
+    """:func:`conv_bn_act_onednn` with `conv`'s geometry on channels_last `x`, the output channels_last."""
+    y = conv_bn_act_onednn(x, packed, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
+    return y if y.is_contiguous(memory_format=torch.channels_last) else y.contiguous(memory_format=torch.channels_last)
+
+
 # ---------------------------------------------------------------------------------------------
 # Frozen inference (fastres.frozen): BatchNorm folded into the conv once, the folded weight prepacked.
 #
@@ -280,10 +287,7 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
                                                                    list(conv.stride), list(conv.dilation),
                                                                    conv.groups, list(x.shape))
                 entry[3], entry[4] = packed, shape
-            y = conv_bn_act_onednn(x, packed, b, residual, conv.stride, conv.padding, conv.dilation,
-                                   conv.groups, relu)
-            fmt = memory_format_of(x)
-            return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+            return _run_packed(x, conv, packed, b, residual, relu)
         except RuntimeError as e:  # a case this oneDNN build rejects: aten's conv
             logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
     out = conv_out_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
@@ -329,13 +333,12 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
     if residual is not None and (residual.dtype is not torch.float32 or not residual.is_contiguous(memory_format=_CL)):
         return None
     try:
-        y = conv_bn_act_onednn(x, entry[3], entry[2], residual, conv.stride, conv.padding, conv.dilation,
-                               conv.groups, relu)
+        y = _run_packed(x, conv, entry[3], entry[2], residual, relu)
     except RuntimeError:
         return None
     if residual is not None and y.shape != residual.shape:
         return None   # oneDNN broadcast the residual: the full path explains the bad call
-    return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+    return y
 
 
 # Heads with fewer weights run aten's F.linear: oneDNN's op costs ~12 us per call before any work, and

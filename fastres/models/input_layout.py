@@ -140,10 +140,11 @@ def vouched() -> bool:
     return _vouched.on
 
 
-def head(fc: nn.Module, x: Tensor, vouched: bool) -> Tensor:
-    """The model's classifier `fc` on the pooled features `x`: in a vouched call an nn.Linear runs through
-    oneDNN's matmul (fastres.backends.torch.linear_vouched), else as the module."""
-    if vouched:
+def head(fc: nn.Module, x: Tensor, ok: bool) -> Tensor:
+    """The model's classifier `fc` on the pooled features `x`: in a vouched call (`ok`, from
+    :func:`inference_call`) a large nn.Linear runs through oneDNN's matmul
+    (fastres.backends.torch.linear_vouched), else as the module."""
+    if ok:
         y = aten_backend.linear_vouched(x, fc)
         if y is not None:
             return y

@@ -8,6 +8,7 @@ import inspect
 import pytest
 import torch
 import torch.nn as nn
+from spy_helpers import Seen
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastres
@@ -55,18 +56,6 @@ def test_fields_follow_the_order_of_every_flat_signature():
         assert _bn_names(names) == FLAT, where
 
 
-class _Seen:
-    """A spy standing in for a flat function: each call's arguments bound to `signature`'s names."""
-
-    def __init__(self, real, signature):
-        self.real, self.sig, self.calls = real, inspect.signature(signature), []
-
-    def __call__(self, *args, **kwargs):
-        bound = self.sig.bind(*(() if "self" not in self.sig.parameters else (None,)), *args, **kwargs)
-        self.calls.append(dict(bound.arguments))
-        return self.real(*args, **kwargs)
-
-
 def _spy(monkeypatch, name, op):
     """The spy on what `op`'s BatchNorm arguments reach on backend `name`: the torch backend's aten
     form, or a fused backend's contract function."""
@@ -77,7 +66,7 @@ def _spy(monkeypatch, name, op):
         fn = f"{op}_forward"
         mod = backend.module(name)
         real, sig = getattr(mod, fn), getattr(Backend, fn)
-    seen = _Seen(real, sig)
+    seen = Seen(real, sig)
     monkeypatch.setattr(mod, fn, seen)
     return seen
 

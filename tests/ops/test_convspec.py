@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+from spy_helpers import Seen
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastres
@@ -57,18 +58,6 @@ def test_fields_follow_the_order_of_every_flat_signature():
         assert names[start:start + 4] == FLAT, where   # (adjacent: one record unpacked in place)
 
 
-class _Seen:
-    """A spy standing in for a flat function: each call's arguments bound to `signature`'s names."""
-
-    def __init__(self, real, signature):
-        self.real, self.sig, self.calls = real, inspect.signature(signature), []
-
-    def __call__(self, *args, **kwargs):
-        bound = self.sig.bind(*(() if "self" not in self.sig.parameters else (None,)), *args, **kwargs)
-        self.calls.append(dict(bound.arguments))
-        return self.real(*args, **kwargs)
-
-
 def _spy(monkeypatch, name, fn):
     """The spy on backend `name`'s function `fn` ("forward", "backward"): the torch backend's aten form
     (its forward), or a fused backend's contract function."""
@@ -77,7 +66,7 @@ def _spy(monkeypatch, name, fn):
     else:
         mod, attr = backend.module(name), f"conv_bn_act_{fn}"
         sig = getattr(Backend, attr)
-    seen = _Seen(getattr(mod, attr), sig)
+    seen = Seen(getattr(mod, attr), sig)
     monkeypatch.setattr(mod, attr, seen)
     return seen
 

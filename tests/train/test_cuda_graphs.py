@@ -142,12 +142,20 @@ def test_trainer_captures_at_each_lr_and_trains_as_without_the_flag(tmp_path, st
     _same_run(eager, graphed)
 
 
-def test_resume_of_a_run_with_the_flag_continues_it(tmp_path, stand_in, monkeypatch):
-    args = [*TINY, "--device", "cpu", "--cuda-graphs"]
+
+def _full_and_cut_after_epoch1(tmp_path, monkeypatch, args):
+    """A whole run of `args` (its result), and a run cut after its first checkpoint (in tmp_path/cut, a copy of
+    that checkpoint's path returned beside it)."""
     full = ftrain.main([*args, "--out", str(tmp_path / "full")])
     run_cut_after_first_checkpoint(monkeypatch, [*args, "--out", str(tmp_path / "cut")])
     epoch1 = str(tmp_path / "epoch1.pt")
     shutil.copy(tmp_path / "cut" / "checkpoint.pt", epoch1)
+    return full, epoch1
+
+
+def test_resume_of_a_run_with_the_flag_continues_it(tmp_path, stand_in, monkeypatch):
+    args = [*TINY, "--device", "cpu", "--cuda-graphs"]
+    full, epoch1 = _full_and_cut_after_epoch1(tmp_path, monkeypatch, args)
     stand_in.lrs = []
     resumed = ftrain.main([*args, "--out", str(tmp_path / "cut"), "--resume"])
     assert stand_in.lrs == pytest.approx([0.002, 0.0002])  # the first capture found the checkpoint's momentum
@@ -204,10 +212,7 @@ def test_gpu_run_with_the_flag_trains_as_without_it(tmp_path, on_gpu, amp, dtype
 @pytest.mark.gpu
 def test_gpu_checkpoint_written_with_the_flag_resumes(tmp_path, on_gpu, monkeypatch):
     args = [*TINY, "--device", "cuda", "--cuda-graphs"]
-    full = ftrain.main([*args, "--out", str(tmp_path / "full")])
-    run_cut_after_first_checkpoint(monkeypatch, [*args, "--out", str(tmp_path / "cut")])
-    epoch1 = str(tmp_path / "epoch1.pt")
-    shutil.copy(tmp_path / "cut" / "checkpoint.pt", epoch1)
+    full, epoch1 = _full_and_cut_after_epoch1(tmp_path, monkeypatch, args)
     _close_run(full, ftrain.main([*args, "--out", str(tmp_path / "cut"), "--resume"]), torch.float32)
     _close_run(full, ftrain.main([*TINY, "--device", "cuda", "--out", str(tmp_path / "eager"), "--resume", epoch1]),
                torch.float32)
