@@ -15,22 +15,28 @@ The contract: inside the context a fold is remade on its next use after
 - any change of value of a conv bias, a BatchNorm weight, bias or running statistic, however it was
   made (a training-mode forward, recalibration, ``.data`` edits, load_state_dict): these are C numbers
   per layer and are compared on every call;
-- any torch.optim optimizer step (fused, foreach or for-loop), anywhere;
+- any ``step()`` of a torch.optim optimizer (fused, foreach or for-loop), anywhere;
 - any change of tensor object, storage, dtype, device or shape behind a conv weight (``.to()``,
-  ``.half()``, ``p.data = t``, ``load_state_dict(assign=True)``), and any in-place write through the
-  conv weight itself (``copy_``, ``mul_`` under ``torch.no_grad()``, ``load_state_dict``: they move
-  its version counter);
+  ``.half()``, ``p.data = t``, ``load_state_dict(assign=True)``, ``torch.func.functional_call`` with
+  other tensors), and any in-place write through the conv weight itself (``copy_``, ``mul_`` under
+  ``torch.no_grad()``, ``load_state_dict``: they move its version counter);
 - :meth:`frozen.refresh`.
 What no cache can see, and what therefore needs ``refresh()`` inside the context: an in-place edit of a
-conv weight through ``w.data`` (it has its own version counter) or of a conv weight that is an inference
-tensor (those have none). On exit every fold of `model` is dropped; nothing outlives the context. Calls
+conv weight through ``w.data`` (it has its own version counter), of a conv weight that is an inference
+tensor (those have none), or by code that writes memory without moving the version counter: torch.optim's
+functional forms with ``fused=True`` (``torch.optim.sgd.sgd``, ``torch.optim.adam.adam`` ... called
+directly, and the ``torch._fused_*`` ops: fused kernels leave the counter alone, and only an optimizer's
+``step()`` tells the cache), writes through ``.numpy()`` or DLPack views, shared memory written by another
+process. The context covers the thread that entered it, as torch.no_grad does: another thread calling the
+model outside a context of its own runs the default path on the live tensors. On exit every fold of
+`model` is dropped; nothing outlives the context. Calls
 that need gradients of the weights (autograd on, parameters requiring grad), torch.compile, export and
 tracing take the default path inside the context too. Under forward-mode AD the fold runs through aten's
 convolution, not the prepacked oneDNN one (which has no tangent formula).
 """
 from __future__ import annotations
 
-from typing import List
+import threading
 
 import torch.nn as nn
 
@@ -42,33 +48,42 @@ __all__ = ["frozen"]
 
 class frozen:
     """Context manager: ``with fastres.frozen(model) as f: ...``; ``f.refresh()`` after an edit the
-    cache cannot see (see the module docstring for the whole contract). Re-entrant and nestable."""
+    cache cannot see (see the module docstring for the whole contract). Re-entrant and nestable; it covers
+    the thread that entered it (one object may be entered by several threads, each for itself)."""
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastres.frozen: expected an nn.Module, got {type(model).__name__}")
         self.model = model
-        self._bns: List[nn.Module] = []
-        self._depth = 0
+        self._local = threading.local()   # per thread: depth and the BatchNorm modules it froze
+
+    def _state(self) -> list:
+        st = getattr(self._local, "st", None)
+        if st is None:
+            st = self._local.st = [0, []]
+        return st
 
     def __enter__(self) -> "frozen":
-        if self._depth == 0:
-            self._bns = [m for m in self.model.modules()
-                         if isinstance(m, nn.modules.batchnorm._NormBase) or is_frozen_bn(m)]
-            aten_backend.freeze(self._bns)
-        self._depth += 1
+        st = self._state()
+        if st[0] == 0:
+            st[1] = [m for m in self.model.modules()
+                     if isinstance(m, nn.modules.batchnorm._NormBase) or is_frozen_bn(m)]
+            aten_backend.freeze(st[1])
+        st[0] += 1
         return self
 
     def __exit__(self, *exc) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            aten_backend.thaw(self._bns)
-            self._bns = []
+        st = self._state()
+        st[0] -= 1
+        if st[0] == 0:
+            aten_backend.thaw(st[1])
+            st[1] = []
 
     def refresh(self) -> None:
         """Remake every fold on its next use (after an edit through ``.data`` and the like)."""
         aten_backend.refresh()
 
     def __repr__(self) -> str:
-        state = "active" if self._depth else "inactive"
-        return f"fastres.frozen({type(self.model).__name__}, {state}, {len(self._bns)} BatchNorm modules)"
+        st = self._state()
+        state = "active in this thread" if st[0] else "inactive in this thread"
+        return f"fastres.frozen({type(self.model).__name__}, {state}, {len(st[1])} BatchNorm modules)"

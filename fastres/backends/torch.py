@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from typing import List, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _fwd_ad
 import torch.nn.functional as F
-from torch.optim import optimizer as _optim
 
+from fastres.backends.fold_cache import entry as _entry
+from fastres.backends.fold_cache import fold, freeze, frozen_active, refresh, thaw
 from fastres.layout import conv_out_shape, memory_format_of
 from fastres.ops.reference import bn_act_backward, bn_act_forward, conv_bn_act_backward, conv_bn_act_forward
 
@@ -59,7 +59,7 @@ def device_reason(device: torch.device) -> Optional[str]:
 __all__ = ["conv_bn_act_forward", "conv_bn_act_backward", "conv_bn_act_supports", "conv_bn_act_aten",
            "bn_act_forward", "bn_act_backward", "bn_act_supports", "bn_act_aten",
            "conv_bn_act_folded", "conv_bn_act_frozen", "conv_bn_act_vouched", "vouched", "fold", "freeze", "thaw",
-           "refresh"]
+           "refresh", "frozen_active"]
 
 
 def conv_bn_act_supports(x, weight, residual, stride, padding, dilation, groups, training, relu):
@@ -104,25 +104,6 @@ def conv_bn_act_folded(x: Tensor, weight: Tensor, bias: Tensor, residual: Option
                        padding: List[int], dilation: List[int], groups: int, relu: bool) -> Tensor:
     """Eval-mode conv_bn_act with BatchNorm already folded into (weight, bias) by :func:`fold`."""
     return _epilogue(F.conv2d(x, weight, bias, stride, padding, dilation, groups), residual, relu)
-
-
-def fold(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-         running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """(W * s, beta + (b - running_mean) * s), s = gamma / sqrt(running_var + eps), per output channel.
-
-    Computed in the BatchNorm statistics' precision (fp32, fp64 for fp64) and returned in the conv
-    weight's dtype: one rounding of the exact product, as the weight itself had one. Differentiable."""
-    ct = torch.promote_types(running_var.dtype, weight.dtype)
-    s = torch.rsqrt(running_var.to(ct) + eps)
-    if bn_weight is not None:
-        s = s * bn_weight.to(ct)
-    shift = -running_mean.to(ct) * s if bias is None else (bias.to(ct) - running_mean.to(ct)) * s
-    if bn_bias is not None:
-        shift = shift + bn_bias.to(ct)
-    w = (weight.to(ct) * s.reshape(-1, 1, 1, 1)).to(weight.dtype)
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        w = w.contiguous(memory_format=torch.channels_last)
-    return w, shift.to(weight.dtype)
 
 
 def _onednn_available() -> bool:
@@ -175,92 +156,8 @@ def _run_packed(x: Tensor, conv: torch.nn.Conv2d, packed: Tensor, bias: Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Frozen inference (fastres.frozen): BatchNorm folded into the conv once, the folded weight prepacked.
-#
-# Nothing here is used outside an active fastres.frozen() context: a fold cached across calls cannot
-# see every change to the tensors it was made from (fused optimizers and .data edits leave version
-# counters alone, inference tensors have none), so the default eval path reads the live tensors on
-# every call. Inside the context (contract: fastres/frozen.py)
-# a fold is remade when
-# - the values of any of its small tensors (conv bias, BatchNorm weight, bias, running statistics: C
-#   numbers each) differ from the ones it was made from: compared on every call (a few microseconds),
-#   which sees every way they can change, running-statistic updates by any forward included;
-# - the conv weight is another tensor object, storage, dtype, device or shape (.to(), .half(),
-#   p.data = ..., load_state_dict(assign=True)) or its version counter moved (copy_, load_state_dict,
-#   in-place ops through the parameter itself);
-# - :data:`generation` moved: on every torch.optim step (a global step hook: fused, foreach and
-#   for-loop optimizers alike, which may leave the version counter alone) and on frozen.refresh().
-
-# BatchNorm module -> [number of active frozen() contexts holding it, cache entry or None]. Weak keys.
-_FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
-generation = 0
-_optimizer_hook = None
-
-
-def _bump(*_args) -> None:
-    global generation
-    generation += 1
-
-
-def freeze(bns) -> None:
-    """Let the BatchNorm modules `bns` use cached folds (one more active frozen() context for each)."""
-    global _optimizer_hook
-    if _optimizer_hook is None:
-        _optimizer_hook = _optim.register_optimizer_step_post_hook(_bump)
-    for bn in bns:
-        slot = _FROZEN.get(bn)
-        if slot is None:
-            _FROZEN[bn] = [1, None]
-        else:
-            slot[0] += 1
-    _bump()
-
-
-def thaw(bns) -> None:
-    """Undo one :func:`freeze` of `bns`; a module no context holds any more drops its cached fold."""
-    for bn in bns:
-        slot = _FROZEN.get(bn)
-        if slot is not None:
-            slot[0] -= 1
-            if slot[0] <= 0:
-                del _FROZEN[bn]
-    _bump()
-
-
-def refresh() -> None:
-    """Every cached fold is made again on its next use."""
-    _bump()
-
-
-def frozen_active(bn: torch.nn.Module) -> bool:
-    return bool(_FROZEN) and bn in _FROZEN
-
-
-def _state(t: Optional[Tensor]):
-    if t is None:
-        return None
-    version = None if t.is_inference() else t._version   # inference tensors carry no version counter
-    return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
-
-
-def _same_values(snapshot, tensors) -> bool:
-    return all((a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(snapshot, tensors))
-
-
-def _entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[list]:
-    """The cached fold of (conv, bn), remade first if anything it was made from changed (the rules above),
-    or None when no active frozen() context holds `bn`. An entry: [key, folded weight, folded bias,
-    prepacked weight or None, what it was packed for, the small tensors' values it was made from]."""
-    slot = _FROZEN.get(bn)
-    if slot is None:
-        return None
-    small = (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = (generation, _state(conv.weight), tuple(_state(t) for t in small), eps, torch.is_inference_mode_enabled())
-    entry = slot[1]
-    if entry is None or entry[0] != key or not _same_values(entry[5], small):
-        w, b = fold(conv.weight, *small, eps)
-        entry = slot[1] = [key, w, b, None, None, tuple(None if t is None else t.detach().clone() for t in small)]
-    return entry
+# Frozen inference (fastres.frozen): BatchNorm folded into the conv once, the folded weight prepacked. The
+# cache and the rules by which a fold is remade: fastres/backends/fold_cache.py.
 
 
 def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float,
@@ -277,16 +174,18 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
     entry = _entry(conv, bn, eps)
     if entry is None:
         return None
-    _, w, b, packed, packed_for, _ = entry
+    _, w, b, packed_pair, _, _ = entry
     geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)   # (copies)
     if _onednn_usable(conv, x, residual):
         shape = (tuple(x.shape), geometry)
         try:
-            if packed is None or packed_for != shape:
+            if packed_pair is not None and packed_pair[1] == shape:
+                packed = packed_pair[0]
+            else:
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(conv.padding),
                                                                    list(conv.stride), list(conv.dilation),
                                                                    conv.groups, list(x.shape))
-                entry[3], entry[4] = packed, shape
+                entry[3] = (packed, shape)   # one assignment: the pair never mixes two threads' packs
             return _run_packed(x, conv, packed, b, residual, relu)
         except RuntimeError as e:  # a case this oneDNN build rejects: aten's conv
             logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
@@ -327,13 +226,13 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
             or bn.running_mean is None or bn.running_var is None:   # (no running statistics: batch statistics)
         return None
     entry = _entry(conv, bn, bn.eps)
-    if entry is None or entry[3] is None or entry[4] != (x.shape, (conv.stride, conv.padding, conv.dilation,
-                                                                   conv.groups)):
+    packed = None if entry is None else entry[3]
+    if packed is None or packed[1] != (x.shape, (conv.stride, conv.padding, conv.dilation, conv.groups)):
         return None
     if residual is not None and (residual.dtype is not torch.float32 or not residual.is_contiguous(memory_format=_CL)):
         return None
     try:
-        y = _run_packed(x, conv, entry[3], entry[2], residual, relu)
+        y = _run_packed(x, conv, packed[0], entry[2], residual, relu)
     except RuntimeError:
         return None
     if residual is not None and y.shape != residual.shape:

@@ -1,0 +1,155 @@
+"""The torch backend's cache of folded BatchNorms, used only inside an active ``fastres.frozen()`` context
+(the contract users read: fastres/frozen.py).
+
+A fold cached across calls cannot see every change to the tensors it was made from (fused optimizers and
+``.data`` edits leave version counters alone, inference tensors have none), so the default eval path reads
+the live tensors on every call. Inside the context a fold is remade when
+- the values of any of its small tensors (conv bias, BatchNorm weight, bias, running statistics: C numbers
+  each) differ from the ones it was made from: compared on every call (a few microseconds), which sees
+  every way they can change, running-statistic updates by any forward included;
+- the conv weight is another tensor object, storage, dtype, device or shape (.to(), .half(),
+  ``p.data = ...``, load_state_dict(assign=True), torch.func.functional_call with new tensors) or its
+  version counter moved (copy_, load_state_dict, in-place ops through the parameter itself). The entry
+  holds an alias of the weight it was folded from, so that storage stays allocated while the entry lives:
+  a new weight can never be handed the same address (without the alias, ``p.data = a; p.data = b`` between
+  two calls could put `b` where the folded weight was, and the fold looked valid);
+- :data:`generation` moved: on every torch.optim Optimizer step (a global step hook: fused, foreach and
+  for-loop optimizers alike, which may leave the version counter alone) and on frozen.refresh().
+
+A context covers the thread that entered it, as torch.no_grad does: another thread calling the same model
+outside any context of its own runs the default path on the live tensors (the cached entries themselves
+are shared: each is validated by the rules above wherever it is used).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional, Tuple
+
+import torch
+from torch.optim import optimizer as _optim
+
+Tensor = torch.Tensor
+
+__all__ = ["fold", "freeze", "thaw", "refresh", "frozen_active", "entry"]
+
+
+def fold(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+         running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(W * s, beta + (b - running_mean) * s), s = gamma / sqrt(running_var + eps), per output channel.
+
+    Computed in fp32 at least (fp64 when the weight or the statistics are fp64) and returned in the conv
+    weight's dtype: one rounding of the exact product, as the weight itself had one (an fp16 model's
+    statistics are fp16 too: the scale is not computed in fp16). Differentiable."""
+    ct = torch.promote_types(torch.promote_types(running_var.dtype, weight.dtype), torch.float32)
+    s = torch.rsqrt(running_var.to(ct) + eps)
+    if bn_weight is not None:
+        s = s * bn_weight.to(ct)
+    shift = -running_mean.to(ct) * s if bias is None else (bias.to(ct) - running_mean.to(ct)) * s
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(ct)
+    w = (weight.to(ct) * s.reshape(-1, 1, 1, 1)).to(weight.dtype)
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        w = w.contiguous(memory_format=torch.channels_last)
+    return w, shift.to(weight.dtype)
+
+
+# BatchNorm module -> [number of active frozen() contexts holding it, in any thread; cache entry or None].
+_FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+class _Held(threading.local):
+    """Per thread: BatchNorm module -> number of this thread's active contexts holding it."""
+
+    def __init__(self) -> None:
+        self.bns: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+_held = _Held()
+generation = 0
+_optimizer_hook = None
+
+
+def _bump(*_args) -> None:
+    global generation
+    generation += 1
+
+
+def freeze(bns) -> None:
+    """Let the BatchNorm modules `bns` use cached folds in this thread (one more active context for each)."""
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = _optim.register_optimizer_step_post_hook(_bump)
+    held = _held.bns
+    for bn in bns:
+        held[bn] = held.get(bn, 0) + 1
+        slot = _FROZEN.get(bn)
+        if slot is None:
+            _FROZEN[bn] = [1, None]
+        else:
+            slot[0] += 1
+    _bump()
+
+
+def thaw(bns) -> None:
+    """Undo one :func:`freeze` of `bns` in this thread; a module no context holds any more drops its fold."""
+    held = _held.bns
+    for bn in bns:
+        n = held.get(bn)
+        if n is not None:
+            if n <= 1:
+                del held[bn]
+            else:
+                held[bn] = n - 1
+        slot = _FROZEN.get(bn)
+        if slot is not None:
+            slot[0] -= 1
+            if slot[0] <= 0:
+                del _FROZEN[bn]
+    _bump()
+
+
+def refresh() -> None:
+    """Every cached fold is made again on its next use."""
+    _bump()
+
+
+def frozen_active(bn: torch.nn.Module) -> bool:
+    """Whether a frozen() context of this thread holds `bn`."""
+    return bool(_FROZEN) and bn in _held.bns
+
+
+def _state(t: Optional[Tensor]):
+    if t is None:
+        return None
+    version = None if t.is_inference() else t._version   # inference tensors carry no version counter
+    return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
+
+
+def _same_values(snapshot, tensors) -> bool:
+    return all((a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(snapshot, tensors))
+
+
+def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[list]:
+    """The cached fold of (conv, bn), remade first if anything it was made from changed (the rules above),
+    or None when no active frozen() context of this thread holds `bn`, or it has no running statistics, or
+    its tensors are not one value per output channel of the conv (the default path explains that call).
+    An entry: [key, folded weight, folded bias, (prepacked weight, what it was packed for) or None, the
+    small tensors' values it was made from, an alias of the conv weight it was folded from]. The prepacked
+    pair is set in one assignment, so a thread never reads a weight packed for another shape than the one
+    stored beside it."""
+    slot = _FROZEN.get(bn)
+    if slot is None or bn not in _held.bns:
+        return None
+    weight = conv.weight
+    small = (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if weight.dim() != 4 or bn.running_mean is None or bn.running_var is None \
+            or any(t is not None and t.shape != (weight.shape[0],) for t in small):
+        return None
+    key = (generation, _state(weight), tuple(_state(t) for t in small), eps, torch.is_inference_mode_enabled())
+    e = slot[1]
+    if e is None or e[0] != key or not _same_values(e[4], small):
+        w, b = fold(weight, *small, eps)
+        e = slot[1] = [key, w, b, None, tuple(None if t is None else t.detach().clone() for t in small),
+                       weight.detach()]
+    return e
