@@ -9,7 +9,7 @@ raises them.)
 """
 from __future__ import annotations
 
-__all__ = ["InputShapeError", "InputDtypeError"]
+__all__ = ["InputShapeError", "InputDtypeError", "dtype_error"]
 
 
 class InputShapeError(RuntimeError, ValueError):
@@ -18,3 +18,15 @@ class InputShapeError(RuntimeError, ValueError):
 
 class InputDtypeError(RuntimeError, TypeError):
     """A tensor of the wrong dtype (aten raises RuntimeError for these)."""
+
+
+class _InputDtypeNotImplemented(InputDtypeError, NotImplementedError):
+    """A dtype aten has no convolution kernel for (bool): aten raises NotImplementedError there."""
+
+
+def dtype_error(message: str, dtype) -> InputDtypeError:
+    """The InputDtypeError for an input of `dtype`, typed as aten's convolution would raise it: also a
+    NotImplementedError for bool (aten: '"slow_conv2d_cpu" not implemented for 'Bool''), a plain
+    RuntimeError subclass otherwise."""
+    import torch
+    return (_InputDtypeNotImplemented if dtype is torch.bool else InputDtypeError)(message)

@@ -21,7 +21,7 @@ import torch
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
-from fastres.errors import InputDtypeError, InputShapeError
+from fastres.errors import InputDtypeError, InputShapeError, dtype_error
 from fastres.layout import memory_format_of, stats_dtype
 from fastres.ops.common import BNSpec, aten_reason, autocast_operands, differentiable_backward, eager
 
@@ -119,7 +119,7 @@ def _check(x: Tensor, bn: BNSpec, residual) -> None:
     if x.dim() != 4:
         raise ValueError(f"expected 4D input (got {x.dim()}D input)")   # nn.BatchNorm2d's error
     if not x.is_floating_point():
-        raise InputDtypeError(f"bn_act: expected a floating-point input, got {x.dtype}")
+        raise dtype_error(f"bn_act: expected a floating-point input, got {x.dtype}", x.dtype)
     c = x.shape[1]
     for name, t in (("bn_weight", bn.weight), ("bn_bias", bn.bias), ("running_mean", bn.running_mean),
                     ("running_var", bn.running_var)):

@@ -9,7 +9,7 @@ from typing import List, NamedTuple, Sequence, Union
 
 import torch
 
-from fastres.errors import InputDtypeError, InputShapeError
+from fastres.errors import InputDtypeError, InputShapeError, dtype_error
 from fastres.layout import conv_out_shape
 from fastres.ops.common import BNSpec
 
@@ -106,8 +106,8 @@ def _check_tensors(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     if x.dim() != 4:
         raise InputShapeError(f"conv_bn_act: expected a 4-D input (N, C, H, W), got {x.dim()}-D input")
     if not x.is_floating_point():
-        raise InputDtypeError(f"conv_bn_act: expected a floating-point input (float32, float16, bfloat16 or float64), "
-                        f"got {x.dtype}")
+        raise dtype_error("conv_bn_act: expected a floating-point input (float32, float16, bfloat16 or float64), "
+                          f"got {x.dtype}", x.dtype)
     if weight.dim() != 4:
         raise InputShapeError(f"conv_bn_act: expected a 4-D weight (Cout, Cin/groups, kH, kW), got {weight.dim()}-D")
     if x.shape[1] != weight.shape[1] * groups:
