@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from fastres.backends.fold_cache import entry as _entry
 from fastres.backends.fold_cache import fold, freeze, frozen_active, refresh, thaw
+from fastres.errors import InputShapeError
 from fastres.layout import conv_out_shape, memory_format_of
 from fastres.ops.reference import bn_act_backward, bn_act_forward, conv_bn_act_backward, conv_bn_act_forward
 
@@ -96,6 +97,9 @@ def conv_bn_act_aten(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weigh
     given) with `momentum`; training=False uses the running statistics (BatchNorm unfolded: the form
     tracers and exporters see)."""
     z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None and residual.shape != z.shape:   # (before BatchNorm updates any statistic)
+        raise InputShapeError(f"conv_bn_act: expected residual of shape {tuple(z.shape)} (the conv output), "
+                              f"got {tuple(residual.shape)}")
     y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return _epilogue(y, residual, relu)
 

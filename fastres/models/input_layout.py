@@ -98,8 +98,10 @@ def inference_call(model: nn.Module, x: Tensor) -> Tuple[Tensor, bool]:
     (fastres.backends.torch.conv_bn_act_vouched; the model runs its body under :class:`vouch`).
     Otherwise (`x`, False). (The model itself, the first of model.modules(), may be any class: its
     forward is the caller.)"""
-    if torch.compiler.is_compiling() or model.training or not _context_ok() or not _tensor_ok(x) \
-            or not _stem_frozen(model) or not _modules_ok(model):   # (context first: vmap rejects some queries)
+    # (not traced by torch.compile; outside frozen() the stem's fold test answers, in a dict lookup; the
+    # context before the tensor: vmap rejects some queries)
+    if torch.compiler.is_compiling() or not _stem_frozen(model) or model.training or not _context_ok() \
+            or not _tensor_ok(x) or not _modules_ok(model):
         return x, False
     try:
         if backend.resolve_cached("conv_bn_act", x.device) != "torch":

@@ -221,14 +221,19 @@ def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BNSpe
                     stride: IntPair, padding: IntPair, dilation: IntPair, groups: int, relu: bool) -> Tensor:
     """:func:`conv_bn_act` with its BatchNorm arguments as one BNSpec (what fastres.nn's modules call).
     The conv arguments come as given (they key the plans: a ConvSpec's lists are not hashable) and
-    become one ConvSpec at the first decision: the plan's, or conv_spec() in _general. Each record is
-    flattened where the backend, the custom op or _ConvBNAct is called."""
+    become one ConvSpec at the first decision: the plan's, conv_spec() in _general, or (the torch
+    backend, a 4-D input) conv_spec() on the way straight to aten. Each record is flattened where the
+    backend, the custom op or _ConvBNAct is called."""
     if type(x) in _TENSOR_TYPES or isinstance(x, Tensor):
         try:
             name = backend.resolve_cached(OP, x.device)
         except backend.BackendUnavailableError:
-            name = "torch"   # (the general path below raises it, after the checks that come first)
-        if name != "torch" and plain_eager():
+            name = None   # (the general path below raises it, after the checks that come first)
+        if name == "torch":
+            if x.dim() == 4:   # (the general path explains any other rank)
+                backend.count(OP, "forward", "torch")
+                return _aten(x, weight, bias, bn, residual, conv_spec(stride, padding, dilation, groups), relu)
+        elif name is not None and plain_eager():
             return _planned(name, x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
     return _general(x, weight, bias, bn, residual, stride, padding, dilation, groups, relu)
 
@@ -250,19 +255,17 @@ def _general(x, weight, bias, bn: BNSpec, residual, stride, padding, dilation, g
 
 
 def _aten(x, weight, bias, bn: BNSpec, residual, conv: ConvSpec, relu) -> Tensor:
-    """The call as aten ops (the torch backend, or a hand-over), its errors explained."""
-    if residual is not None and list(residual.shape) != conv_out_shape(x.shape, weight.shape, conv.stride,
-                                                                       conv.padding, conv.dilation):
-        explain(x, weight, bias, bn, residual, conv)
+    """The call as aten ops (the torch backend, or a hand-over), its errors explained. The backend checks
+    the residual's shape against the conv output before BatchNorm touches any state; only a call that
+    raised is checked again, by explain(), for the error that says what was expected."""
     gamma, beta, running_mean, running_var, training, momentum, eps = bn
     stride, padding, dilation, groups = conv
     try:
-        y = aten_backend.conv_bn_act_aten(x, weight, bias, gamma, beta, running_mean, running_var, residual, stride,
-                                          padding, dilation, groups, training, momentum, eps, relu)
+        return aten_backend.conv_bn_act_aten(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+                                             stride, padding, dilation, groups, training, momentum, eps, relu)
     except (RuntimeError, ValueError, TypeError, IndexError):
         explain(x, weight, bias, bn, residual, conv)
         raise
-    return y
 
 
 def _fused(name, x, weight, bias, bn: BNSpec, residual, conv: ConvSpec, relu) -> Tensor:
