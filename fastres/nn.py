@@ -18,7 +18,7 @@ still exact). torchvision's FrozenBatchNorm2d runs fused, as an eval-mode BatchN
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,8 @@ Tensor = torch.Tensor
 _vouched = aten_backend.vouched
 
 __all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
-           "plain_forward_needed", "is_plain_relu", "FusedConvBN2d", "FusedConvBNReLU2d"]
+           "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu", "prepare_scriptable",
+           "FusedConvBN2d", "FusedConvBNReLU2d"]
 
 
 def frozen_bn_class() -> Optional[type]:
@@ -92,7 +93,12 @@ def module_hooked(m: nn.Module) -> bool:
 def hooked(*mods: nn.Module) -> bool:
     """Whether calling these modules would run a hook (theirs, or a global module hook), so that a
     fused forward, which does not call them, would skip it. A few dict lookups: free when no hook exists."""
-    return global_hooks() or any(module_hooked(m) for m in mods)
+    if global_hooks():
+        return True
+    for m in mods:   # (module_hooked, inlined: no generator on the per-call path)
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
 
 
 def plain_forward_needed(*mods: nn.Module) -> bool:
@@ -100,6 +106,33 @@ def plain_forward_needed(*mods: nn.Module) -> bool:
     under torch.fx symbolic tracing (the graph must show the real Conv2d / BatchNorm2d / ReLU calls,
     as torchvision's does) or when one of them, or the module system, has hooks."""
     return is_fx_tracing() or hooked(*mods)
+
+
+def _subtree_hooked(m: nn.Module) -> bool:
+    """Whether a module below `m` (not `m` itself) has a hook of its own: a walk of the `_modules`
+    tables, as Module.modules() would walk them, without its generators (it runs on every block call)."""
+    for c in m._modules.values():
+        if c is not None and (c._forward_hooks or c._forward_pre_hooks or c._backward_hooks
+                              or c._backward_pre_hooks or (c._modules and _subtree_hooked(c))):
+            return True
+    return False
+
+
+def inner_plain_forward_needed(block: nn.Module) -> bool:
+    """plain_forward_needed(*every module inside `block`): torch.fx tracing, a global module hook, or a
+    hook on any module below the block (the block's own hooks run anyway: it is called)."""
+    return is_fx_tracing() or global_hooks() or _subtree_hooked(block)
+
+
+# What torch.jit.script compiles for a fastres module: fastres.convert.unfuse sets it (a plain copy sharing
+# the module's tensors). Every fused class's __prepare_scriptable__ (which torch.jit.script calls) asks it.
+scriptable_hook: Optional[Callable[[nn.Module], nn.Module]] = None
+
+
+def prepare_scriptable(self: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of the fused classes: the module torch.jit.script compiles instead."""
+    hook = scriptable_hook
+    return self if hook is None else hook(self)
 
 
 def _needs_sync(bn: nn.Module) -> bool:
@@ -167,14 +200,28 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
         _tensors(conv, bn) if plain else
         (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
          getattr(bn, "num_batches_tracked", None)))
-    batch_stats, keep, factor, count = _bn_rules(bn, tracked)
+    batch_stats, keep, factor, count = _bn_rules(bn, tracked, rm, rv)
     if not batch_stats:
         return _eval(x, conv, bn, residual, relu, bn.eps, (weight, bias, gamma, beta, rm, rv))
     bn_spec = BNSpec(gamma, beta, rm if keep else None, rv if keep else None, True, factor, bn.eps)
-    y = run_conv_bn_act(x, weight, bias, bn_spec, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
-    if count:
-        tracked.add_(1)
-    return y
+    if not count:
+        return run_conv_bn_act(x, weight, bias, bn_spec, residual, conv.stride, conv.padding, conv.dilation,
+                               conv.groups, relu)
+    tracked.add_(1)   # before the op, as nn.BatchNorm2d (see _counted)
+    return _counted(tracked, run_conv_bn_act, x, weight, bias, bn_spec, residual, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, relu)
+
+
+def _counted(tracked: Tensor, op, *args) -> Tensor:
+    """op(*args) after num_batches_tracked (`tracked`) has moved, as nn.BatchNorm2d moves it before its
+    batch_norm: a recomputation that stops once it has remade what backward needs (non-reentrant
+    torch.utils.checkpoint) has counted its batch, as torchvision's has. A call the op rejects (a bad
+    input: torchvision's conv raises before its BatchNorm runs) takes the count back."""
+    try:
+        return op(*args)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        tracked.sub_(1)
+        raise
 
 
 def _pair_hooked(conv: nn.Module, bn: nn.Module) -> bool:
@@ -200,16 +247,17 @@ def _tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d):
                 bn.num_batches_tracked)
 
 
-def _bn_rules(bn: nn.Module, tracked: Optional[Tensor]):
+def _bn_rules(bn: nn.Module, tracked: Optional[Tensor], running_mean: Optional[Tensor],
+              running_var: Optional[Tensor]):
     """nn.BatchNorm2d.forward's rules, step for step, as (use batch statistics, keep running statistics,
-    the effective momentum, whether num_batches_tracked moves). num_batches_tracked moves only once the
-    call has been accepted (torchvision's conv rejects a bad input before its BatchNorm runs), so the
-    momentum=None factor is computed with its next value. tracked: bn.num_batches_tracked."""
+    the effective momentum, whether num_batches_tracked moves). It moves just before the op runs (and
+    back if the op rejects the call: _counted), so the momentum=None factor is computed with its next
+    value. tracked, running_mean, running_var: bn's, as this call read them."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     count = bn.training and bn.track_running_stats and tracked is not None
     if count and bn.momentum is None:
         factor = 1.0 / (float(tracked) + 1.0)
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    batch_stats = bn.training or (running_mean is None and running_var is None)
     keep = not bn.training or bn.track_running_stats
     return batch_stats, keep, factor, count
 
@@ -228,13 +276,14 @@ def bn_act_modules(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, 
     if is_frozen_bn(bn):
         return run_bn_act(x, BNSpec(bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps),
                           residual, relu)
-    batch_stats, keep, factor, count = _bn_rules(bn, bn.num_batches_tracked)
+    batch_stats, keep, factor, count = _bn_rules(bn, bn.num_batches_tracked, bn.running_mean, bn.running_var)
     bn_spec = BNSpec(bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None,
                   batch_stats, factor, bn.eps)
-    y = run_bn_act(x, bn_spec, residual, relu)
-    if count:
-        bn.num_batches_tracked.add_(1)
-    return y
+    if not count:
+        return run_bn_act(x, bn_spec, residual, relu)
+    tracked = bn.num_batches_tracked
+    tracked.add_(1)   # before the op, as nn.BatchNorm2d (see _counted)
+    return _counted(tracked, run_bn_act, x, bn_spec, residual, relu)
 
 
 def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool, eps: float,
@@ -278,6 +327,8 @@ class FusedConvBN2d(nn.Module):
                               bias, **kw)
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **kw)
         self.relu = self.relu_default if relu is None else bool(relu)
+
+    __prepare_scriptable__ = prepare_scriptable
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: Optional[bool] = None) -> "FusedConvBN2d":

@@ -11,7 +11,15 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
-from fastres.nn import bn_act_modules, conv_bn_act_modules, is_frozen_bn, is_plain_relu, module_hooked, unfusable_reason
+from fastres.nn import (
+    bn_act_modules,
+    conv_bn_act_modules,
+    is_frozen_bn,
+    is_plain_relu,
+    module_hooked,
+    prepare_scriptable,
+    unfusable_reason,
+)
 
 __all__ = ["pair_reason", "chain_at", "bn_chain_at", "FusedSequential", "run_chains"]
 
@@ -60,6 +68,8 @@ class FusedSequential(nn.Sequential):
 
     def forward(self, input):
         return run_chains(list(self._modules.values()), input)
+
+    __prepare_scriptable__ = prepare_scriptable
 
 
 def run_chains(mods: List[nn.Module], x):

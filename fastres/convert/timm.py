@@ -28,7 +28,15 @@ import torch.nn as nn
 
 from fastres.convert.chains import FusedSequential, chain_at, run_chains
 from fastres.convert.report import ConversionReport, join
-from fastres.nn import conv_bn_act_modules, is_plain_relu, module_hooked, plain_forward_needed, unfusable_reason
+from fastres.nn import (
+    conv_bn_act_modules,
+    inner_plain_forward_needed,
+    is_plain_relu,
+    module_hooked,
+    plain_forward_needed,
+    prepare_scriptable,
+    unfusable_reason,
+)
 
 Tensor = torch.Tensor
 
@@ -83,13 +91,9 @@ def _last_stage(block: nn.Module, x: Tensor, shortcut: Tensor, conv: nn.Module, 
     return act(x + _shortcut(block.downsample, shortcut))  # timm adds in place: the same values
 
 
-def _inner(block: nn.Module) -> List[nn.Module]:
-    return list(block.modules())[1:]  # hooks on the block itself run anyway (it is called)
-
-
 def _basic_forward(base: type) -> Callable:
     def forward(self, x: Tensor) -> Tensor:
-        if plain_forward_needed(*_inner(self)):
+        if inner_plain_forward_needed(self):
             return base.forward(self, x)
         shortcut = x
         x = _conv_bn_then(x, self.conv1, self.bn1, (self.drop_block, self.act1, self.aa))
@@ -99,7 +103,7 @@ def _basic_forward(base: type) -> Callable:
 
 def _bottleneck_forward(base: type) -> Callable:
     def forward(self, x: Tensor) -> Tensor:
-        if plain_forward_needed(*_inner(self)):
+        if inner_plain_forward_needed(self):
             return base.forward(self, x)
         shortcut = x
         x = _conv_bn_then(x, self.conv1, self.bn1, (self.act1,))
@@ -143,7 +147,7 @@ def _build(tr) -> None:
         fn.__qualname__ = f"{name}.{method}"
         doc = f"timm's {base.__name__}, converted by fastres.convert: its {method} runs fused."
         _classes[name] = type(name, (base,), {method: fn, "__module__": "fastres.convert", "__qualname__": name,
-                                              "__doc__": doc})
+                                              "__doc__": doc, "__prepare_scriptable__": prepare_scriptable})
 
 
 def timm_classes() -> Dict[type, type]:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from fastres.convert.chains import pair_reason
 from fastres.models import resnet as _fr
 from fastres.models.input_layout import allow
-from fastres.nn import is_plain_relu, unfusable_reason
+from fastres.nn import is_plain_relu, prepare_scriptable, unfusable_reason
 
 __all__ = ["torchvision_classes", "converted_class", "pairs_of", "resnet_module_reason", "CLASS_NAMES"]
 
@@ -36,7 +36,8 @@ def torchvision_classes() -> Dict[type, type]:
         }
         for name, (base, body) in bodies.items():
             doc = f"torchvision's {base.__name__}, converted by fastres.convert: its forward runs fused."
-            cls = type(name, (base,), {**body, "__module__": "fastres.convert", "__qualname__": name, "__doc__": doc})
+            cls = type(name, (base,), {**body, "__module__": "fastres.convert", "__qualname__": name, "__doc__": doc,
+                                       "__prepare_scriptable__": prepare_scriptable})
             _tv_classes[name] = cls
             allow(cls)   # channels_last CPU inference (fastres.models.input_layout) sees through them
     return {cls.__mro__[1]: cls for cls in _tv_classes.values()}

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from fastres.models.input_layout import allow, head, inference_call, vouch
 from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut, stem_forward
+from fastres.nn import prepare_scriptable
 
 Tensor = torch.Tensor
 
@@ -63,6 +64,8 @@ class CifarResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, shortcut={self.shortcut!r}"
+
+    __prepare_scriptable__ = prepare_scriptable
 
 
 allow(CifarResNet)

@@ -27,7 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.models.input_layout import allow, head, inference_call, vouch, vouched
-from fastres.nn import conv_bn_act_modules, is_plain_relu, plain_forward_needed, unfusable_reason
+from fastres.models.plain import plain_block_forward
+from fastres.nn import (
+    conv_bn_act_modules,
+    inner_plain_forward_needed,
+    is_plain_relu,
+    plain_forward_needed,
+    prepare_scriptable,
+    unfusable_reason,
+)
 
 Tensor = torch.Tensor
 
@@ -149,6 +157,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return basic_block_forward(self, x)
 
+    __prepare_scriptable__ = prepare_scriptable
+
 
 def _plain_needed(block: nn.Module) -> bool:
     """A block runs its modules one by one, exactly as torchvision's forward does, when torch.fx traces
@@ -156,53 +166,7 @@ def _plain_needed(block: nn.Module) -> bool:
     nn.ReLU (replaced by another activation: the fused ReLU would stand in for a module that is not there).
     Checked on every call."""
     # every module inside the block (its own hooks run anyway); a vouched model call checked them all
-    return not is_plain_relu(block.relu) or (not vouched() and plain_forward_needed(*list(block.modules())[1:]))
-
-
-# torchvision's forwards, module by module, written once: the fused blocks run them when they must call
-# every module (hooks, torch.fx, a replaced ReLU), and fastres.unfuse's plain classes use them as their
-# forward methods (so they compile with torch.jit.script). A plain block (shortcut None) adds nothing.
-def basic_block_plain_forward(self, x: Tensor) -> Tensor:
-    identity = x
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    if self.shortcut is not None:
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-    return self.relu(out)
-
-
-def bottleneck_plain_forward(self, x: Tensor) -> Tensor:
-    identity = x
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    if self.shortcut is not None:
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-    return self.relu(out)
-
-
-def resnet_plain_forward(self, x: Tensor) -> Tensor:
-    x = self.relu(self.bn1(self.conv1(x)))
-    x = self.maxpool(x)
-    x = self.layer1(x)
-    x = self.layer2(x)
-    x = self.layer3(x)
-    x = self.layer4(x)
-    x = self.avgpool(x)
-    x = torch.flatten(x, 1)
-    return self.fc(x)
-
-
-def plain_block_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """torchvision's BasicBlock / Bottleneck forward, module by module (torchvision's own blocks, which
-    have no `shortcut` attribute, always add theirs)."""
-    if not hasattr(block, "shortcut"):
-        return type(block).__mro__[1].forward(block, x)   # a converted torchvision block: its base's forward
-    return (bottleneck_plain_forward if hasattr(block, "conv3") else basic_block_plain_forward)(block, x)
+    return not is_plain_relu(block.relu) or (not vouched() and inner_plain_forward_needed(block))
 
 
 def basic_block_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -239,6 +203,8 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return bottleneck_forward(self, x)
+
+    __prepare_scriptable__ = prepare_scriptable
 
 
 def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -322,6 +288,8 @@ class FusedResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)
+
+    __prepare_scriptable__ = prepare_scriptable
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:

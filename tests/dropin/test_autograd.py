@@ -168,6 +168,38 @@ def test_activation_checkpointing(reentrant):
     assert int(b.layer2[0].bn1.num_batches_tracked) == 2 * int(a.layer2[0].bn1.num_batches_tracked)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("kind", ["fused", "converted"])
+def test_checkpointed_blocks_count_batches_as_torchvision(kind, reentrant, momentum):
+    """Each block checkpointed: non-reentrant checkpointing stops its recomputation once the last tensor
+    backward needs is remade (the block's final ReLU output), so a BatchNorm counts the recomputed batch
+    only if num_batches_tracked moves before the op runs, as nn.BatchNorm2d moves it. With momentum=None
+    that count is the averaging factor: the running statistics and eval outputs depend on it."""
+    from workflow_helpers import batch, make, torchvision_net
+    model = make("basic", kind)
+    tv = torchvision_net("basic")
+    tv.load_state_dict(model.state_dict())
+    for m in (*model.modules(), *tv.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+
+    def step(net, x):
+        h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for block in layer:
+                h = checkpoint(block, h, use_reentrant=reentrant)
+        net.fc(torch.flatten(net.avgpool(h), 1)).sum().backward()
+
+    for seed in range(2):
+        step(model, batch(seed)), step(tv, batch(seed))
+    for (name, want), got in zip(tv.state_dict().items(), model.state_dict().values()):
+        if name.endswith("num_batches_tracked"):
+            assert int(got) == int(want), name
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_deepcopy_pickle_and_torch_save_of_the_whole_model():
     model = fastres.FusedResNet18(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -1,0 +1,55 @@
+"""torchvision's ResNet forwards, module by module, written once: fastres's fused blocks run them when
+they must call every module (hooks, torch.fx, a replaced ReLU), and fastres.unfuse's plain classes use
+them as their forward methods (so they compile with torch.jit.script). A plain block (shortcut None) adds
+nothing."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+Tensor = torch.Tensor
+
+__all__ = ["basic_block_plain_forward", "bottleneck_plain_forward", "resnet_plain_forward", "plain_block_forward"]
+
+
+def basic_block_plain_forward(self, x: Tensor) -> Tensor:
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    if self.shortcut is not None:
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+    return self.relu(out)
+
+
+def bottleneck_plain_forward(self, x: Tensor) -> Tensor:
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.shortcut is not None:
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+    return self.relu(out)
+
+
+def resnet_plain_forward(self, x: Tensor) -> Tensor:
+    x = self.relu(self.bn1(self.conv1(x)))
+    x = self.maxpool(x)
+    x = self.layer1(x)
+    x = self.layer2(x)
+    x = self.layer3(x)
+    x = self.layer4(x)
+    x = self.avgpool(x)
+    x = torch.flatten(x, 1)
+    return self.fc(x)
+
+
+def plain_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward, module by module (torchvision's own blocks, which
+    have no `shortcut` attribute, always add theirs)."""
+    if not hasattr(block, "shortcut"):
+        return type(block).__mro__[1].forward(block, x)   # a converted torchvision block: its base's forward
+    return (bottleneck_plain_forward if hasattr(block, "conv3") else basic_block_plain_forward)(block, x)
