@@ -26,13 +26,14 @@ conv weight through ``w.data`` (it has its own version counter), of a conv weigh
 tensor (those have none), or by code that writes memory without moving the version counter: torch.optim's
 functional forms with ``fused=True`` (``torch.optim.sgd.sgd``, ``torch.optim.adam.adam`` ... called
 directly, and the ``torch._fused_*`` ops: fused kernels leave the counter alone, and only an optimizer's
-``step()`` tells the cache), writes through ``.numpy()`` or DLPack views, shared memory written by another
-process. The context covers the thread that entered it, as torch.no_grad does: another thread calling the
-model outside a context of its own runs the default path on the live tensors. On exit every fold of
-`model` is dropped; nothing outlives the context. Calls
-that need gradients of the weights (autograd on, parameters requiring grad), torch.compile, export and
-tracing take the default path inside the context too. Under forward-mode AD the fold runs through aten's
-convolution, not the prepacked oneDNN one (which has no tangent formula).
+``step()`` tells the cache), writes through ``.numpy()`` or DLPack views or through a tensor the weight
+was set to share memory with (``p.data = v[...]``, as torch.nn.utils.vector_to_parameters does, then
+an edit of ``v``), shared memory written by another process. The context covers the thread that entered
+it, as torch.no_grad does: another thread calling the model outside a context of its own runs the
+default path on the live tensors. On exit every fold of `model` is dropped; nothing outlives the
+context. Calls that need gradients of the weights (autograd on, parameters requiring grad),
+torch.compile, export and tracing take the default path inside the context too. Under forward-mode AD
+the fold runs through aten's convolution, not the prepacked oneDNN one (which has no tangent formula).
 """
 from __future__ import annotations
 
