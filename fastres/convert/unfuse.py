@@ -22,6 +22,7 @@ itself is not changed.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Set
 
 import torch
@@ -167,7 +168,7 @@ def _tree_copy(m: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
         return c
     c = object.__new__(type(m))
     memo[id(m)] = c
-    state = {k: (type(v)(v) if isinstance(v, (dict, set)) else v) for k, v in m.__dict__.items()}
+    state = {k: (copy.copy(v) if isinstance(v, (dict, set)) else v) for k, v in m.__dict__.items()}
     state["_modules"] = {k: None if v is None else _tree_copy(v, memo) for k, v in m._modules.items()}
     c.__dict__.update(state)
     return c
