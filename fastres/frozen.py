@@ -5,8 +5,9 @@ on every call, so no edit of any kind can make it stale. Serving and evaluation 
 touch the weights can ask for more: inside ``with fastres.frozen(model):`` each (conv, BatchNorm) pair
 of `model` that runs on the torch backend in eval mode folds BatchNorm into the convolution once and
 keeps the result (on a CPU, in fp32, with channels_last input, the folded weight is also prepacked for
-oneDNN with the residual add and ReLU as post-ops; a fastres ResNet's NCHW input is converted to
-channels_last once at the model's input for that, where nobody can see the layout: fastres.models.input_layout).
+oneDNN with the residual add and ReLU as post-ops, for each of the last 4 input shapes; a fastres
+ResNet's NCHW input is converted to channels_last once at the model's input for that, where nobody can
+see the layout: fastres.models.input_layout).
 Where that check passes, a fastres model also vouches for the whole call: its layers skip the per-layer
 checks the model made once for all of them (each fold is still validated on every call by the rules
 below) and its nn.Linear head runs oneDNN's matmul on the live weight.

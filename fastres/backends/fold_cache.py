@@ -134,10 +134,10 @@ def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[li
     """The cached fold of (conv, bn), remade first if anything it was made from changed (the rules above),
     or None when no active frozen() context of this thread holds `bn`, or it has no running statistics, or
     its tensors are not one value per output channel of the conv (the default path explains that call).
-    An entry: [key, folded weight, folded bias, (prepacked weight, what it was packed for) or None, the
-    small tensors' values it was made from, an alias of the conv weight it was folded from]. The prepacked
-    pair is set in one assignment, so a thread never reads a weight packed for another shape than the one
-    stored beside it."""
+    An entry: [key, folded weight, folded bias, ((what it was packed for, prepacked weight), ...) newest
+    first or None, the small tensors' values it was made from, an alias of the conv weight it was folded
+    from]. The packs are replaced as one new tuple, so a thread never reads a weight packed for another
+    shape than the one stored beside it."""
     slot = _FROZEN.get(bn)
     if slot is None or bn not in _held.bns:
         return None

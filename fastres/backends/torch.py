@@ -164,6 +164,19 @@ def _run_packed(x: Tensor, conv: torch.nn.Conv2d, packed: Tensor, bias: Tensor, 
 # cache and the rules by which a fold is remade: fastres/backends/fold_cache.py.
 
 
+# Input shapes a fold keeps a prepacked weight for (newest first): dynamic batching and mixed resolutions
+# alternate between a few, and each repack costs about as much as the convolution.
+PACKS_KEPT = 4
+
+
+def _packed_for(packs: Optional[tuple], shape) -> Optional[Tensor]:
+    """The weight prepacked for (input shape, geometry) `shape` among an entry's packs, or None."""
+    for s, packed in packs or ():
+        if s == shape:
+            return packed
+    return None
+
+
 def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float,
                        residual: Optional[Tensor], relu: bool) -> Optional[Tensor]:
     """Eval-mode conv_bn_act from the cached fold of (conv, bn) (and, on a CPU in fp32 with channels_last
@@ -178,18 +191,18 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
     entry = _entry(conv, bn, eps)
     if entry is None:
         return None
-    _, w, b, packed_pair, _, _ = entry
+    _, w, b, packs, _, _ = entry
     geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)   # (copies)
     if _onednn_usable(conv, x, residual):
         shape = (tuple(x.shape), geometry)
         try:
-            if packed_pair is not None and packed_pair[1] == shape:
-                packed = packed_pair[0]
-            else:
+            packed = _packed_for(packs, shape)
+            if packed is None:
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(conv.padding),
                                                                    list(conv.stride), list(conv.dilation),
                                                                    conv.groups, list(x.shape))
-                entry[3] = (packed, shape)   # one assignment: the pair never mixes two threads' packs
+                # one assignment of a new tuple: a reader never sees a pack beside another's shape
+                entry[3] = ((shape, packed),) + (packs or ())[:PACKS_KEPT - 1]
             return _run_packed(x, conv, packed, b, residual, relu)
         except RuntimeError as e:  # a case this oneDNN build rejects: aten's conv
             logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
@@ -230,13 +243,14 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
             or bn.running_mean is None or bn.running_var is None:   # (no running statistics: batch statistics)
         return None
     entry = _entry(conv, bn, bn.eps)
-    packed = None if entry is None else entry[3]
-    if packed is None or packed[1] != (x.shape, (conv.stride, conv.padding, conv.dilation, conv.groups)):
+    packed = None if entry is None else _packed_for(entry[3], (x.shape, (conv.stride, conv.padding, conv.dilation,
+                                                                         conv.groups)))
+    if packed is None:
         return None
     if residual is not None and (residual.dtype is not torch.float32 or not residual.is_contiguous(memory_format=_CL)):
         return None
     try:
-        y = _run_packed(x, conv, packed[0], entry[2], residual, relu)
+        y = _run_packed(x, conv, packed, entry[2], residual, relu)
     except RuntimeError:
         return None
     if residual is not None and y.shape != residual.shape:

@@ -170,3 +170,39 @@ def test_functional_fused_optimizer_is_seen_after_refresh():
                 nesterov=False, maximize=False, fused=True)
         f.refresh()
         check(model(X), model, what="after functional fused SGD and refresh()")
+
+
+@pytest.mark.skipif(not aten_backend._onednn_available(), reason="this PyTorch has no oneDNN inference ops")
+def test_alternating_input_shapes_keep_their_packs_and_stay_right(monkeypatch):
+    """Dynamic batching: a fold keeps a prepacked weight per input shape (up to PACKS_KEPT), so batch
+    sizes that alternate do not repack every layer on every call (a user probe measured frozen at 0.6x
+    the default path that way); a shape beyond them evicts the oldest, and every output stays right."""
+    model = cifar_net()
+    real = torch._C._nn.mkldnn_reorder_conv2d_weight
+    packs = []
+
+    def spy(*args):
+        packs.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", spy)
+    xs = {n: torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n)) for n in range(1, 7)}
+    ref = copy.deepcopy(model)
+    oracle = copy.deepcopy(model).double()
+
+    def run(n):
+        got = model(xs[n])
+        assert_as_good(got, ref(xs[n]), oracle(xs[n].double()), f"batch {n}")
+
+    with torch.no_grad(), fastres.frozen(model):
+        for n in (1, 3, 1, 3):
+            run(n)
+        first = len(packs)   # batches 1 and 3: one pack per layer each
+        assert first > 0 and first % 2 == 0
+        for n in (1, 3, 2, 4, 1, 3, 2, 4):   # four shapes: all kept after their first call
+            run(n)
+        kept = len(packs)
+        assert kept == 2 * first, "batches 2 and 4 packed once each, 1 and 3 not again"
+        for n in (5, 6, 1):   # beyond PACKS_KEPT: the oldest are evicted and repacked when they return
+            run(n)
+        assert len(packs) == kept + 3 * (first // 2)
