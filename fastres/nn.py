@@ -18,7 +18,7 @@ still exact). torchvision's FrozenBatchNorm2d runs fused, as an eval-mode BatchN
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ Tensor = torch.Tensor
 _vouched = aten_backend.vouched
 
 __all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
-           "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu", "prepare_scriptable",
+           "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu",
            "FusedConvBN2d", "FusedConvBNReLU2d"]
 
 
@@ -124,17 +124,6 @@ def inner_plain_forward_needed(block: nn.Module) -> bool:
     return is_fx_tracing() or global_hooks() or _subtree_hooked(block)
 
 
-# What torch.jit.script compiles for a fastres module: fastres.convert.unfuse sets it (a plain copy sharing
-# the module's tensors). Every fused class's __prepare_scriptable__ (which torch.jit.script calls) asks it.
-scriptable_hook: Optional[Callable[[nn.Module], nn.Module]] = None
-
-
-def prepare_scriptable(self: nn.Module) -> nn.Module:
-    """``__prepare_scriptable__`` of the fused classes: the module torch.jit.script compiles instead."""
-    hook = scriptable_hook
-    return self if hook is None else hook(self)
-
-
 def _needs_sync(bn: nn.Module) -> bool:
     if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
         return False
@@ -215,11 +204,13 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
 def _counted(tracked: Tensor, op, *args) -> Tensor:
     """op(*args) after num_batches_tracked (`tracked`) has moved, as nn.BatchNorm2d moves it before its
     batch_norm: a recomputation that stops once it has remade what backward needs (non-reentrant
-    torch.utils.checkpoint) has counted its batch, as torchvision's has. A call the op rejects (a bad
-    input: torchvision's conv raises before its BatchNorm runs) takes the count back."""
+    torch.utils.checkpoint) has counted its batch, as torchvision's has. A call the op rejects as a bad
+    input (a RuntimeError, TypeError or IndexError: torchvision's conv raises those before its BatchNorm
+    runs) takes the count back; BatchNorm's own ValueError ("Expected more than 1 value per channel when
+    training") keeps it, as nn.BatchNorm2d, which counts before it raises."""
     try:
         return op(*args)
-    except (RuntimeError, ValueError, TypeError, IndexError):
+    except (RuntimeError, TypeError, IndexError):   # (fastres's InputShapeError is a RuntimeError)
         tracked.sub_(1)
         raise
 
@@ -328,8 +319,6 @@ class FusedConvBN2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **kw)
         self.relu = self.relu_default if relu is None else bool(relu)
 
-    __prepare_scriptable__ = prepare_scriptable
-
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: Optional[bool] = None) -> "FusedConvBN2d":
         """Wrap existing modules (their parameters are shared, not copied)."""
@@ -343,8 +332,19 @@ class FusedConvBN2d(nn.Module):
         return self
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():   # TorchScript compiles the modules one by one (fastres.models.plain)
+            return self.plain_forward(x, residual)
         mods = self._modules   # (self.conv and self.bn, which Module.__setattr__ keeps here)
         return conv_bn_act_modules(x, mods["conv"], mods["bn"], residual, self.relu)
+
+    def plain_forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """conv, bn, (+ residual), (ReLU), each module called (fastres.unfuse's PlainConvBN2d.forward)."""
+        y = self.bn(self.conv(x))
+        if residual is not None:
+            y = y + residual
+        if self.relu:
+            y = F.relu(y)
+        return y
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"

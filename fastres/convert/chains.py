@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from fastres.nn import (
@@ -17,7 +18,6 @@ from fastres.nn import (
     is_frozen_bn,
     is_plain_relu,
     module_hooked,
-    prepare_scriptable,
     unfusable_reason,
 )
 
@@ -67,9 +67,14 @@ class FusedSequential(nn.Sequential):
     Sequential after children are replaced (SyncBatchNorm conversion) or appended."""
 
     def forward(self, input):
+        if torch.jit.is_scripting():   # TorchScript compiles nn.Sequential's loop: each child called
+            return self.sequential_plain_forward(input)
         return run_chains(list(self._modules.values()), input)
 
-    __prepare_scriptable__ = prepare_scriptable
+    def sequential_plain_forward(self, input):
+        for module in self:
+            input = module(input)
+        return input
 
 
 def run_chains(mods: List[nn.Module], x):

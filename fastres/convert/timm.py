@@ -31,10 +31,10 @@ from fastres.convert.report import ConversionReport, join
 from fastres.nn import (
     conv_bn_act_modules,
     inner_plain_forward_needed,
+    is_frozen_bn,
     is_plain_relu,
     module_hooked,
     plain_forward_needed,
-    prepare_scriptable,
     unfusable_reason,
 )
 
@@ -85,7 +85,10 @@ def _shortcut(ds: Optional[nn.Module], x: Tensor) -> Tensor:
 def _last_stage(block: nn.Module, x: Tensor, shortcut: Tensor, conv: nn.Module, bn: nn.Module,
                 act: nn.Module) -> Tensor:
     """timm's block tail: conv, bn, se, drop_path, shortcut = downsample(shortcut), x += shortcut, act."""
-    if _passes_through(block.se) and _passes_through(block.drop_path) and is_plain_relu(act):
+    # (the downsample runs before the fused pair only where nothing between draws random numbers:
+    # fastres.models.resnet._last_stage)
+    if _passes_through(block.se) and _passes_through(block.drop_path) and is_plain_relu(act) \
+            and type(conv) is nn.Conv2d and (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)):
         return conv_bn_act_modules(x, conv, bn, residual=_shortcut(block.downsample, shortcut), relu=True)
     x = _conv_bn_then(x, conv, bn, (block.se, block.drop_path))
     return act(x + _shortcut(block.downsample, shortcut))  # timm adds in place: the same values
@@ -147,7 +150,7 @@ def _build(tr) -> None:
         fn.__qualname__ = f"{name}.{method}"
         doc = f"timm's {base.__name__}, converted by fastres.convert: its {method} runs fused."
         _classes[name] = type(name, (base,), {method: fn, "__module__": "fastres.convert", "__qualname__": name,
-                                              "__doc__": doc, "__prepare_scriptable__": prepare_scriptable})
+                                              "__doc__": doc})
 
 
 def timm_classes() -> Dict[type, type]:

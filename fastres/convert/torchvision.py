@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from fastres.convert.chains import pair_reason
 from fastres.models import resnet as _fr
 from fastres.models.input_layout import allow
-from fastres.nn import is_plain_relu, prepare_scriptable, unfusable_reason
+from fastres.models.plain import resnet_plain_forward, tv_basic_block_forward, tv_bottleneck_forward
+from fastres.nn import is_plain_relu, unfusable_reason
+
+Tensor = torch.Tensor
 
 __all__ = ["torchvision_classes", "converted_class", "pairs_of", "resnet_module_reason", "CLASS_NAMES"]
 
@@ -20,6 +24,30 @@ __all__ = ["torchvision_classes", "converted_class", "pairs_of", "resnet_module_
 # is the package fastres.convert, whose __getattr__ makes them, so pickled converted models load again.
 CLASS_NAMES = ("ConvertedResNet", "ConvertedBasicBlock", "ConvertedBottleneck")
 _tv_classes: Dict[str, type] = {}
+
+
+# The converted classes' methods: fused in Python; where TorchScript compiles them, torchvision's own code
+# module by module (TorchScript does not compile what follows ``if torch.jit.is_scripting(): return``; it
+# names a compiled method by its def, so each def carries the name of the attribute it becomes).
+class _ResNetMethods:
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.resnet_plain_forward(x)
+        return _fr.resnet_forward(self, x)
+
+
+class _BasicBlockMethods:
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.tv_basic_block_forward(x)
+        return _fr.basic_block_forward(self, x)
+
+
+class _BottleneckMethods:
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.tv_bottleneck_forward(x)
+        return _fr.bottleneck_forward(self, x)
 
 
 def torchvision_classes() -> Dict[type, type]:
@@ -30,14 +58,16 @@ def torchvision_classes() -> Dict[type, type]:
         return {}
     if not _tv_classes:
         bodies = {
-            "ConvertedResNet": (tv.ResNet, {"_forward_impl": _fr.resnet_forward}),
-            "ConvertedBasicBlock": (tv.BasicBlock, {"forward": _fr.basic_block_forward}),
-            "ConvertedBottleneck": (tv.Bottleneck, {"forward": _fr.bottleneck_forward}),
+            "ConvertedResNet": (tv.ResNet, {"_forward_impl": _ResNetMethods._forward_impl,
+                                            "resnet_plain_forward": resnet_plain_forward}),
+            "ConvertedBasicBlock": (tv.BasicBlock, {"forward": _BasicBlockMethods.forward,
+                                                    "tv_basic_block_forward": tv_basic_block_forward}),
+            "ConvertedBottleneck": (tv.Bottleneck, {"forward": _BottleneckMethods.forward,
+                                                    "tv_bottleneck_forward": tv_bottleneck_forward}),
         }
         for name, (base, body) in bodies.items():
             doc = f"torchvision's {base.__name__}, converted by fastres.convert: its forward runs fused."
-            cls = type(name, (base,), {**body, "__module__": "fastres.convert", "__qualname__": name, "__doc__": doc,
-                                       "__prepare_scriptable__": prepare_scriptable})
+            cls = type(name, (base,), {**body, "__module__": "fastres.convert", "__qualname__": name, "__doc__": doc})
             _tv_classes[name] = cls
             allow(cls)   # channels_last CPU inference (fastres.models.input_layout) sees through them
     return {cls.__mro__[1]: cls for cls in _tv_classes.values()}
@@ -55,9 +85,27 @@ def pairs_of(m: nn.Module) -> List[Tuple[str, str]]:
     return [(c, b) for c, b in names if hasattr(m, c) and hasattr(m, b)]
 
 
+# The methods a converted class stands in for: torchvision's own code must be what they replace.
+_REPLACED = {"ResNet": ("forward", "_forward_impl"), "BasicBlock": ("forward",), "Bottleneck": ("forward",)}
+
+
+def _patched_method(cls: type) -> Optional[str]:
+    """The name of a method of torchvision's class `cls` the converted class replaces that is not
+    torchvision's own code (a user patched the class, e.g. ``BasicBlock.forward = my_forward``), or None."""
+    for name in _REPLACED.get(cls.__name__, ()):
+        fn = cls.__dict__.get(name)
+        if fn is None or getattr(fn, "__module__", None) != cls.__module__ \
+                or getattr(fn, "__qualname__", None) != f"{cls.__name__}.{name}":
+            return name
+    return None
+
+
 def resnet_module_reason(m: nn.Module) -> Optional[str]:
-    """Why a torchvision ResNet / block cannot take the fused forward (hooks the fused forward would
-    skip, or a replaced ReLU), or None."""
+    """Why a torchvision ResNet / block cannot take the fused forward (torchvision's class patched with
+    other code, hooks the fused forward would skip, or a replaced ReLU), or None."""
+    patched = _patched_method(type(m))
+    if patched is not None:
+        return f"torchvision's {type(m).__name__}.{patched} is not torchvision's code (patched): it runs as itself"
     if not is_plain_relu(m.relu):
         return f"its relu is {type(m.relu).__name__} (or has hooks), not a plain nn.ReLU"
     pairs = [(getattr(m, c), getattr(m, b)) for c, b in pairs_of(m)]

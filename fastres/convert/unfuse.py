@@ -15,21 +15,16 @@ values) stay the same, and so do its outputs (the same math, PyTorch's own round
 unfused fastres model puts the fused classes back. Subclasses of these classes are left alone (their
 forward is their own) and listed in the report, stored as ``model.fastres_report``.
 
-``torch.jit.script(model)`` works on a fastres or converted model as it is: every fused class's
-``__prepare_scriptable__`` hands TorchScript :func:`scriptable_copy` (an unfused copy of the module tree
-holding the same parameter and buffer tensors, as a scripted torchvision model shares them); the model
-itself is not changed.
+(``torch.jit.script(model)`` needs no unfuse: where TorchScript compiles a fused class's method it
+compiles the same plain code these classes run; fastres.nn.scripting_aware.)
 """
 from __future__ import annotations
 
-import copy
 from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fastres import nn as fnn
 from fastres.convert.chains import FusedSequential
 from fastres.convert.report import UnfuseReport, finish
 from fastres.convert.timm import timm_classes
@@ -41,19 +36,13 @@ from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
 
 Tensor = torch.Tensor
 
-__all__ = ["unfuse", "scriptable_copy", "UnfuseReport", "PlainResNet", "PlainBasicBlock", "PlainBottleneck",
+__all__ = ["unfuse", "UnfuseReport", "PlainResNet", "PlainBasicBlock", "PlainBottleneck",
            "PlainCifarResNet", "PlainConvBN2d", "PlainConvBNReLU2d", "refuse_classes"]
 
 class PlainConvBN2d(FusedConvBN2d):
     """FusedConvBN2d unfused: conv, bn, (+ residual), (ReLU), each module called."""
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        y = self.bn(self.conv(x))
-        if residual is not None:
-            y = y + residual
-        if self.relu:
-            y = F.relu(y)
-        return y
+    forward = FusedConvBN2d.plain_forward
 
 
 class PlainConvBNReLU2d(PlainConvBN2d, FusedConvBNReLU2d):
@@ -159,29 +148,3 @@ def unfuse(model: nn.Module, verbose: bool = False) -> nn.Module:
                                             f"its forward is kept"))
     return finish(model, report, verbose)
 
-
-def _tree_copy(m: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
-    """A new module object per module of `m`'s tree (a module met twice copied once), each holding the
-    same parameter and buffer tensors in tables of its own; hook tables and the like copied shallowly."""
-    c = memo.get(id(m))
-    if c is not None:
-        return c
-    c = object.__new__(type(m))
-    memo[id(m)] = c
-    state = {k: (copy.copy(v) if isinstance(v, (dict, set)) else v) for k, v in m.__dict__.items()}
-    state["_modules"] = {k: None if v is None else _tree_copy(v, memo) for k, v in m._modules.items()}
-    c.__dict__.update(state)
-    return c
-
-
-def scriptable_copy(module: nn.Module) -> nn.Module:
-    """What torch.jit.script compiles for a fastres module (its ``__prepare_scriptable__``): `module`
-    itself when its class is already a plain one, else an unfused copy of its module tree that shares
-    every parameter and buffer tensor with it; `module` is not changed."""
-    if type(module) in _PLAIN_CLASSES:
-        return module
-    return unfuse(_tree_copy(module, {}))   # (its report logged at INFO, as every unfuse's)
-
-
-_PLAIN_CLASSES = frozenset(_PLAIN.values())
-fnn.scriptable_hook = scriptable_copy

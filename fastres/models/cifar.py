@@ -15,12 +15,19 @@ import torch.nn as nn
 
 from fastres.models.input_layout import allow, head, inference_call, vouch
 from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut, stem_forward
-from fastres.nn import prepare_scriptable
 
 Tensor = torch.Tensor
 
 __all__ = ["CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
            "plain20", "plain32", "plain44", "plain56", "plain110"]
+
+
+def cifar_plain_forward(self, x: Tensor) -> Tensor:
+    """CifarResNet's forward module by module (fastres.unfuse's PlainCifarResNet.forward)."""
+    x = self.relu(self.bn1(self.conv1(x)))
+    x = self.layer3(self.layer2(self.layer1(x)))
+    x = torch.flatten(self.avgpool(x), 1)
+    return self.fc(x)
 
 
 class CifarResNet(nn.Module):
@@ -56,6 +63,8 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():   # TorchScript compiles the plain forward (module by module)
+            return self.cifar_plain_forward(x)
         x, ok = inference_call(self, x)   # channels_last for CPU inference (input_layout)
         with vouch(ok):
             x = stem_forward(self, x)
@@ -65,18 +74,10 @@ class CifarResNet(nn.Module):
     def extra_repr(self) -> str:
         return f"depth={self.depth}, shortcut={self.shortcut!r}"
 
-    __prepare_scriptable__ = prepare_scriptable
+    cifar_plain_forward = cifar_plain_forward
 
 
 allow(CifarResNet)
-
-
-def cifar_plain_forward(self, x: Tensor) -> Tensor:
-    """CifarResNet's forward module by module (fastres.unfuse's PlainCifarResNet.forward)."""
-    x = self.relu(self.bn1(self.conv1(x)))
-    x = self.layer3(self.layer2(self.layer1(x)))
-    x = torch.flatten(self.avgpool(x), 1)
-    return self.fc(x)
 
 
 def _factory(depth: int, shortcut: Optional[str]):

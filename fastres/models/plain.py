@@ -9,7 +9,8 @@ import torch.nn as nn
 
 Tensor = torch.Tensor
 
-__all__ = ["basic_block_plain_forward", "bottleneck_plain_forward", "resnet_plain_forward", "plain_block_forward"]
+__all__ = ["basic_block_plain_forward", "bottleneck_plain_forward", "resnet_plain_forward", "plain_block_forward",
+           "tv_basic_block_forward", "tv_bottleneck_forward"]
 
 
 def basic_block_plain_forward(self, x: Tensor) -> Tensor:
@@ -53,3 +54,26 @@ def plain_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     if not hasattr(block, "shortcut"):
         return type(block).__mro__[1].forward(block, x)   # a converted torchvision block: its base's forward
     return (bottleneck_plain_forward if hasattr(block, "conv3") else basic_block_plain_forward)(block, x)
+
+
+# A converted torchvision block has no `shortcut` attribute (it always adds its identity): what
+# TorchScript compiles for one (fastres.convert.torchvision), module by module.
+def tv_basic_block_forward(self, x: Tensor) -> Tensor:
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    if self.downsample is not None:
+        identity = self.downsample(x)
+    out += identity
+    return self.relu(out)
+
+
+def tv_bottleneck_forward(self, x: Tensor) -> Tensor:
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.downsample is not None:
+        identity = self.downsample(x)
+    out += identity
+    return self.relu(out)

@@ -27,13 +27,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.models.input_layout import allow, head, inference_call, vouch, vouched
-from fastres.models.plain import plain_block_forward
+from fastres.models.plain import (
+    basic_block_plain_forward,
+    bottleneck_plain_forward,
+    plain_block_forward,
+    resnet_plain_forward,
+)
 from fastres.nn import (
     conv_bn_act_modules,
     inner_plain_forward_needed,
+    is_frozen_bn,
     is_plain_relu,
     plain_forward_needed,
-    prepare_scriptable,
     unfusable_reason,
 )
 
@@ -155,9 +160,11 @@ class BasicBlock(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():   # TorchScript compiles torchvision's forward (fastres.models.plain)
+            return self.basic_block_plain_forward(x)
         return basic_block_forward(self, x)
 
-    __prepare_scriptable__ = prepare_scriptable
+    basic_block_plain_forward = basic_block_plain_forward
 
 
 def _plain_needed(block: nn.Module) -> bool:
@@ -172,9 +179,22 @@ def _plain_needed(block: nn.Module) -> bool:
 def basic_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     if _plain_needed(block):
         return plain_block_forward(block, x)
-    residual = shortcut_of(block, x)
     out = conv_bn_act_modules(x, block.conv1, block.bn1, relu=True)
-    return conv_bn_act_modules(out, block.conv2, block.bn2, residual=residual, relu=True)
+    return _last_stage(block, x, out, block.conv2, block.bn2)
+
+
+def _last_stage(block: nn.Module, x: Tensor, out: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
+    """relu(bn(conv(out)) + shortcut(x)), the shortcut computed after everything before this pair, as
+    torchvision computes it after bn2 / bn3: modules that draw random numbers in both branches (dropout
+    wrapped around convs, MC-dropout) draw them in torchvision's order. A plain nn.Conv2d and BatchNorm
+    draw none, so for them the shortcut goes first and its add runs inside the fused op."""
+    if type(conv) is nn.Conv2d and (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)):
+        return conv_bn_act_modules(out, conv, bn, residual=shortcut_of(block, x), relu=True)
+    y = conv_bn_act_modules(out, conv, bn)
+    residual = shortcut_of(block, x)
+    if residual is not None:
+        y += residual   # (torchvision adds in place too)
+    return torch.relu_(y)
 
 
 class Bottleneck(nn.Module):
@@ -202,18 +222,19 @@ class Bottleneck(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():   # TorchScript compiles torchvision's forward (fastres.models.plain)
+            return self.bottleneck_plain_forward(x)
         return bottleneck_forward(self, x)
 
-    __prepare_scriptable__ = prepare_scriptable
+    bottleneck_plain_forward = bottleneck_plain_forward
 
 
 def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
     if _plain_needed(block):
         return plain_block_forward(block, x)
-    residual = shortcut_of(block, x)
     out = conv_bn_act_modules(x, block.conv1, block.bn1, relu=True)
     out = conv_bn_act_modules(out, block.conv2, block.bn2, relu=True)
-    return conv_bn_act_modules(out, block.conv3, block.bn3, residual=residual, relu=True)
+    return _last_stage(block, x, out, block.conv3, block.bn3)
 
 
 def init_weights(model: nn.Module, zero_init_residual: bool = False) -> None:
@@ -284,12 +305,14 @@ class FusedResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():   # TorchScript compiles torchvision's forward (fastres.models.plain)
+            return self.resnet_plain_forward(x)
         return resnet_forward(self, x)
+
+    resnet_plain_forward = resnet_plain_forward
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)
-
-    __prepare_scriptable__ = prepare_scriptable
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:

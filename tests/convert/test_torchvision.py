@@ -263,3 +263,24 @@ def test_custom_conv_subclass_is_left_alone():
     assert calls[("conv_bn_act", "forward", "unfused")] == 1
     torch.testing.assert_close(y, tv.ResNet.forward(model, x))
     assert type(seq) is nn.Sequential and "own forward" in dict(seq.fastres_report.left_alone)["0"]
+
+
+def test_a_patched_torchvision_block_class_is_left_alone(monkeypatch):
+    """A user who patched torchvision's BasicBlock.forward before convert() keeps the patch: the blocks
+    are reported left alone, and the model computes what torchvision computes."""
+    import torchvision.models.resnet as tvr
+
+    original = tvr.BasicBlock.forward
+
+    def half_residual(self, x):
+        return original(self, x) * 0.5
+
+    monkeypatch.setattr(tvr.BasicBlock, "forward", half_residual)
+    torch.manual_seed(3)
+    ref = tvr.resnet18(num_classes=10).eval()
+    model = convert(copy.deepcopy(ref)).eval()
+    left = [why for name, why in model.fastres_report.left_alone if name.startswith("layer")]
+    assert left and all("patched" in why for why in left)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)

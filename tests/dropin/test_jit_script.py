@@ -1,7 +1,7 @@
-"""Drop-in: torch.jit.script works on fastres and converted models as on torchvision's. TorchScript
-compiles an unfused copy of the module tree (fastres.convert.unfuse.scriptable_copy) that holds the same
-parameter and buffer tensors, as a scripted torchvision model holds its module's; the model itself keeps
-its fused classes."""
+"""Drop-in: torch.jit.script works on fastres and converted models as on torchvision's, alone or inside
+a user's own module (a detection model, IntermediateLayerGetter). Where TorchScript compiles a fused
+class's method it compiles the plain module-by-module code (fastres.nn.scripting_aware), so the scripted
+module holds the model's own tensors, as a scripted torchvision model does, and the model is untouched."""
 import copy
 import io
 
@@ -75,17 +75,57 @@ def test_script_of_fused_layers_and_sequentials():
     assert type(layer) is fastres.FusedConvBNReLU2d
 
 
-def test_script_of_converted_timm_model():
+def test_converted_timm_model_scripts_after_unfuse():
+    """timm's classes are scripted through fastres.unfuse (README): the converted ones fail at once."""
     timm = pytest.importorskip("timm", reason="timm is not installed")
     torch.manual_seed(7)
     ref = timm.create_model("resnet18", num_classes=10).eval()
     model = fastres.convert(copy.deepcopy(ref)).eval()
+    with pytest.raises(Exception):
+        torch.jit.script(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(torch.jit.script(model)(x), torch.jit.script(ref)(x))
+        assert torch.equal(torch.jit.script(fastres.unfuse(model))(x), torch.jit.script(ref)(x))
 
 
 def test_torchvision_scripts_the_same_way():
     """The reference behaviour the tests above hold fastres to (guards against a torchvision change)."""
     tv = torchvision.models.resnet18(num_classes=10)
     assert torch.jit.script(tv).fc.weight is tv.fc.weight
+
+
+def test_script_inside_a_users_module_leaves_the_model_fused():
+    """A converted backbone inside modules fastres does not own: scripting must neither rewire nor
+    unfuse the user's model (each block's scripted code is its own: a user probe found ids reused)."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    tv = torchvision_net("bottleneck").eval()
+    model = make("bottleneck", "converted").eval()
+    tv.load_state_dict(model.state_dict())
+    want_body = IntermediateLayerGetter(tv, {"layer2": "a", "layer4": "b"})
+    body = IntermediateLayerGetter(model, {"layer2": "a", "layer4": "b"})
+    del model   # (only the getter holds the converted modules now)
+    classes = _fused_classes(body)
+    x = batch(4)
+    with torch.no_grad():
+        got, want = torch.jit.script(body)(x), torch.jit.script(want_body)(x)
+        assert all(torch.equal(got[k], want[k]) for k in ("a", "b"))
+        assert _fused_classes(body) == classes
+        eager = body(x)
+        assert all(torch.equal(eager[k], want[k]) for k in ("a", "b"))
+
+
+def test_script_of_a_detection_model_with_a_converted_backbone():
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    torch.manual_seed(8)
+    ref = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=64,
+                                  max_size=64, box_score_thresh=0.0).eval()
+    det = copy.deepcopy(ref)
+    fastres.convert(det.backbone.body)
+    classes = _fused_classes(det)
+    img = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(9))]
+    with torch.no_grad():
+        _, got = torch.jit.script(det)(img)
+        _, want = torch.jit.script(ref)(img)
+    assert _fused_classes(det) == classes
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(got[0][key], want[0][key]), key

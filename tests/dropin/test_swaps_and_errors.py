@@ -134,3 +134,55 @@ def test_error_classes_are_runtime_errors_with_the_precise_kind():
         layer(torch.randn(2, 5, 8, 8))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         layer(torch.randn(1, 3, 1, 1))          # as nn.BatchNorm2d raises it
+
+
+def _dropout_before_every_conv(model):
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.Conv2d):
+                setattr(mod, name, nn.Sequential(nn.Dropout2d(0.2), child))
+
+
+@pytest.mark.parametrize("kind", ["fused", "converted", "timm"])
+def test_random_draws_in_both_branches_come_in_torchvisions_order(kind):
+    """MC-dropout (dropout wrapped around every conv, downsample included): each branch draws random
+    numbers, so the block must run its downsample where torchvision's (timm's) forward does, after the
+    main branch, for the same seed to give the same output."""
+    if kind == "timm":
+        timm = pytest.importorskip("timm", reason="timm is not installed")
+        torch.manual_seed(0)
+        ref = timm.create_model("resnet18", num_classes=10)
+        model = fastres.convert(copy.deepcopy(ref))
+    else:
+        model = make("basic", kind)
+        ref = torchvision_net("basic")
+        ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        _dropout_before_every_conv(m)
+    x = batch(2)
+    for train in (True, False):
+        for m in (model, ref):
+            m.train(train)
+            for d in m.modules():
+                if isinstance(d, nn.Dropout2d):
+                    d.train()   # MC-dropout: sampling at eval too
+        torch.manual_seed(5)
+        got = model(x)
+        torch.manual_seed(5)
+        want = ref(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"train={train}")
+
+
+@pytest.mark.parametrize("kind", ["fused", "converted"])
+def test_batchnorms_one_value_error_leaves_the_count_as_torchvision(kind):
+    """Batch 1 in training at 32 px: layer4's BatchNorm sees one value per channel and raises its own
+    ValueError after counting the batch (nn.BatchNorm2d counts first); fastres's state must match."""
+    model = make("basic", kind).train()
+    tv = torchvision_net("basic").train()
+    tv.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    for m in (tv, model):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            m(x)
+    for (n, a), b in zip(tv.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), n
