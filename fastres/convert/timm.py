@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from fastres.convert.chains import FusedSequential, chain_at, run_chains
 from fastres.convert.report import ConversionReport, join
+from fastres.convert.torchvision import patched_method
 from fastres.nn import (
     conv_bn_act_modules,
     inner_plain_forward_needed,
@@ -196,6 +197,11 @@ def convert_timm_module(name: str, m: nn.Module, classes: Dict[type, type], repo
     if hooked and not already:
         report.left_alone.append((name, f"timm {kind}: a hook is registered on {hooked[0]} (the fused "
                                         f"forward would skip it)"))
+        return
+    patched = None if already else patched_method(
+        type(m), ("forward_features",) if isinstance(m, _timm_resnet().ResNet) else ("forward",))
+    if patched is not None:
+        report.left_alone.append((name, f"timm's {kind}.{patched} is not timm's code (patched): it runs as itself"))
         return
     pairs = [(c, b) for c, b in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
              if hasattr(m, c) and hasattr(m, b)]

@@ -18,7 +18,8 @@ from fastres.nn import is_plain_relu, unfusable_reason
 
 Tensor = torch.Tensor
 
-__all__ = ["torchvision_classes", "converted_class", "pairs_of", "resnet_module_reason", "CLASS_NAMES"]
+__all__ = ["torchvision_classes", "converted_class", "pairs_of", "resnet_module_reason", "patched_method",
+           "CLASS_NAMES"]
 
 # Fused subclasses of torchvision's classes, made on first use (torchvision is optional). Their module
 # is the package fastres.convert, whose __getattr__ makes them, so pickled converted models load again.
@@ -89,10 +90,10 @@ def pairs_of(m: nn.Module) -> List[Tuple[str, str]]:
 _REPLACED = {"ResNet": ("forward", "_forward_impl"), "BasicBlock": ("forward",), "Bottleneck": ("forward",)}
 
 
-def _patched_method(cls: type) -> Optional[str]:
-    """The name of a method of torchvision's class `cls` the converted class replaces that is not
-    torchvision's own code (a user patched the class, e.g. ``BasicBlock.forward = my_forward``), or None."""
-    for name in _REPLACED.get(cls.__name__, ()):
+def patched_method(cls: type, names) -> Optional[str]:
+    """The first of the methods `names` of a library's class `cls` (which a converted class replaces)
+    that is not the library's own code (a user patched the class, e.g. ``BasicBlock.forward = f``), or None."""
+    for name in names:
         fn = cls.__dict__.get(name)
         if fn is None or getattr(fn, "__module__", None) != cls.__module__ \
                 or getattr(fn, "__qualname__", None) != f"{cls.__name__}.{name}":
@@ -103,7 +104,7 @@ def _patched_method(cls: type) -> Optional[str]:
 def resnet_module_reason(m: nn.Module) -> Optional[str]:
     """Why a torchvision ResNet / block cannot take the fused forward (torchvision's class patched with
     other code, hooks the fused forward would skip, or a replaced ReLU), or None."""
-    patched = _patched_method(type(m))
+    patched = patched_method(type(m), _REPLACED.get(type(m).__name__, ()))
     if patched is not None:
         return f"torchvision's {type(m).__name__}.{patched} is not torchvision's code (patched): it runs as itself"
     if not is_plain_relu(m.relu):

@@ -169,3 +169,21 @@ def test_convert_timm_twice_and_group_norm():
     assert "GroupNorm is not an nn.BatchNorm2d" in why["layer1.0.conv1"]
     with torch.no_grad():
         torch.testing.assert_close(gn(x), ref(x))  # the documented fallback: the same modules, exact
+
+
+def test_a_patched_timm_block_class_is_left_alone(monkeypatch):
+    """timm's BasicBlock.forward patched before convert(): those blocks are left alone and reported,
+    and the model computes what timm computes."""
+    original = tr.BasicBlock.forward
+
+    def half_residual(self, x):
+        return original(self, x) * 0.5
+
+    monkeypatch.setattr(tr.BasicBlock, "forward", half_residual)
+    ref = make("resnet18").eval()
+    model = convert(copy.deepcopy(ref)).eval()
+    blocks = [why for name, why in model.fastres_report.left_alone if name.startswith("layer") and name.count(".") == 1]
+    assert len(blocks) == 8 and all("patched" in why for why in blocks)   # (their convs are listed too)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
