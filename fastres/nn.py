@@ -36,8 +36,8 @@ from fastres.ops.conv_bn_act import run_conv_bn_act
 Tensor = torch.Tensor
 _vouched = aten_backend.vouched
 
-__all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "hooked", "module_hooked", "global_hooks",
-           "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu",
+__all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "draws_nothing", "hooked", "module_hooked",
+           "global_hooks", "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu",
            "FusedConvBN2d", "FusedConvBNReLU2d"]
 
 
@@ -50,6 +50,13 @@ def frozen_bn_class() -> Optional[type]:
 def is_frozen_bn(bn: nn.Module) -> bool:
     cls = frozen_bn_class()
     return cls is not None and type(bn) is cls
+
+
+def draws_nothing(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether (conv, bn) is an exact nn.Conv2d and a BatchNorm (nn.BatchNorm2d, nn.SyncBatchNorm,
+    torchvision's FrozenBatchNorm2d): modules that draw no random numbers, so a block may compute its
+    shortcut before them (and fuse its add) without changing the order of random draws."""
+    return type(conv) is nn.Conv2d and (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn))
 
 
 def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:

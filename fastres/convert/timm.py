@@ -31,8 +31,8 @@ from fastres.convert.report import ConversionReport, join
 from fastres.convert.torchvision import patched_method
 from fastres.nn import (
     conv_bn_act_modules,
+    draws_nothing,
     inner_plain_forward_needed,
-    is_frozen_bn,
     is_plain_relu,
     module_hooked,
     plain_forward_needed,
@@ -89,7 +89,7 @@ def _last_stage(block: nn.Module, x: Tensor, shortcut: Tensor, conv: nn.Module, 
     # (the downsample runs before the fused pair only where nothing between draws random numbers:
     # fastres.models.resnet._last_stage)
     if _passes_through(block.se) and _passes_through(block.drop_path) and is_plain_relu(act) \
-            and type(conv) is nn.Conv2d and (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)):
+            and draws_nothing(conv, bn):
         return conv_bn_act_modules(x, conv, bn, residual=_shortcut(block.downsample, shortcut), relu=True)
     x = _conv_bn_then(x, conv, bn, (block.se, block.drop_path))
     return act(x + _shortcut(block.downsample, shortcut))  # timm adds in place: the same values

@@ -35,8 +35,8 @@ from fastres.models.plain import (
 )
 from fastres.nn import (
     conv_bn_act_modules,
+    draws_nothing,
     inner_plain_forward_needed,
-    is_frozen_bn,
     is_plain_relu,
     plain_forward_needed,
     unfusable_reason,
@@ -188,7 +188,7 @@ def _last_stage(block: nn.Module, x: Tensor, out: Tensor, conv: nn.Module, bn: n
     torchvision computes it after bn2 / bn3: modules that draw random numbers in both branches (dropout
     wrapped around convs, MC-dropout) draw them in torchvision's order. A plain nn.Conv2d and BatchNorm
     draw none, so for them the shortcut goes first and its add runs inside the fused op."""
-    if type(conv) is nn.Conv2d and (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)):
+    if draws_nothing(conv, bn):
         return conv_bn_act_modules(out, conv, bn, residual=shortcut_of(block, x), relu=True)
     y = conv_bn_act_modules(out, conv, bn)
     residual = shortcut_of(block, x)
