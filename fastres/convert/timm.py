@@ -29,6 +29,7 @@ import torch.nn as nn
 from fastres.convert.chains import FusedSequential, chain_at, run_chains
 from fastres.convert.report import ConversionReport, join
 from fastres.convert.torchvision import patched_method
+from fastres.models.pool import max_pool
 from fastres.nn import (
     conv_bn_act_modules,
     draws_nothing,
@@ -132,7 +133,7 @@ def _forward_features(base: type) -> Callable:
         if self.grad_checkpointing or plain_forward_needed(*self.conv1.modules(), self.bn1, self.act1):
             return base.forward_features(self, x)  # (the blocks still run fused)
         x = _stem(self, x)
-        x = self.maxpool(x)
+        x = max_pool(self.maxpool, x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -33,6 +33,7 @@ from fastres.models.plain import (
     plain_block_forward,
     resnet_plain_forward,
 )
+from fastres.models.pool import max_pool
 from fastres.nn import (
     conv_bn_act_modules,
     draws_nothing,
@@ -321,7 +322,7 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     x, ok = inference_call(model, x)
     with vouch(ok):
         x = stem_forward(model, x)
-        x = model.maxpool(x)
+        x = max_pool(model.maxpool, x)
         x = model.layer1(x)
         x = model.layer2(x)
         x = model.layer3(x)
