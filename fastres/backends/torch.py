@@ -224,6 +224,7 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
 # overhead). Per thread: another thread's calls are not covered by this one's check.
 class _Vouched(threading.local):
     on = False
+    kept = ()   # data pointers of the tensors the call was given (fastres.models.input_layout.vouch)
 
 
 vouched = _Vouched()
@@ -250,12 +251,31 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
     if residual is not None and (residual.dtype is not torch.float32 or not residual.is_contiguous(memory_format=_CL)):
         return None
     try:
+        if residual is not None and _writable(residual, x, conv):
+            # the add written into the residual itself: one buffer fewer, and the stage's trunk stays in cache
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, packed, entry[2], conv.padding, conv.stride, conv.dilation, conv.groups, "add", None,
+                "relu" if relu else None, [], "")
         y = _run_packed(x, conv, packed, entry[2], residual, relu)
     except RuntimeError:
         return None
     if residual is not None and y.shape != residual.shape:
         return None   # oneDNN broadcast the residual: the full path explains the bad call
     return y
+
+
+def _writable(residual: Tensor, x: Tensor, conv: torch.nn.Module) -> bool:
+    """Whether a vouched call may write a block's output into its residual: a tensor of the output's very
+    shape made inside this call (not a view, not one of the tensors the call was given, not the conv's
+    input). Inside a vouched call every module is one whose code fastres knows and nothing is hooked, so
+    such a tensor is the shortcut's own (a downsample's output, or the block input, which its block alone
+    reads and which is dead after this op): nobody can see it change."""
+    if residual._base is not None:
+        return False
+    p = residual.data_ptr()
+    return (p != x.data_ptr() and p not in vouched.kept
+            and list(residual.shape) == conv_out_shape(x.shape, conv.weight.shape, conv.stride, conv.padding,
+                                                       conv.dilation))
 
 
 # Heads with fewer weights run aten's F.linear: oneDNN's op costs ~12 us per call before any work, and

@@ -65,8 +65,9 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():   # TorchScript compiles the plain forward (module by module)
             return self.cifar_plain_forward(x)
+        given = x
         x, ok = inference_call(self, x)   # channels_last for CPU inference (input_layout)
-        with vouch(ok):
+        with vouch(ok, given, x):
             x = stem_forward(self, x)
             x = self.layer3(self.layer2(self.layer1(x)))
             return head(self.fc, torch.flatten(self.avgpool(x), 1), ok)

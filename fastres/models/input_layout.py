@@ -117,24 +117,36 @@ def inference_input(model: nn.Module, x: Tensor) -> Tensor:
 
 
 class vouch:
-    """``with vouch(ok): ...`` runs the body as a vouched call when `ok`, and resets that on exit (also on
-    an exception). A call that is not vouched leaves the state alone and does not even read it (so that
-    torch.compile, where `ok` is always False, traces no thread-local state), and a nested model call in
-    a vouched one stays vouched: the outer call's check covered every module under it."""
+    """``with vouch(ok, *given): ...`` runs the body as a vouched call when `ok`, and resets that on exit
+    (also on an exception). `given`: the tensors the call was given (and their converted copies), which
+    no layer may write its output into (fastres.backends.torch.conv_bn_act_vouched writes a block's
+    output into its residual when the residual is the call's own). A call that is not vouched leaves the
+    state alone and does not even read it (so that torch.compile, where `ok` is always False, traces no
+    thread-local state), and a nested model call in a vouched one stays vouched: the outer call's check
+    covered every module under it (its `given` are kept from writes too, until it returns)."""
 
-    __slots__ = ("ok", "set")
+    __slots__ = ("ok", "set", "given", "prev")
 
-    def __init__(self, ok: bool) -> None:
+    def __init__(self, ok: bool, *given: Tensor) -> None:
         self.ok = ok
+        self.given = given
 
     def __enter__(self) -> None:
         self.set = self.ok and not _vouched.on
+        self.prev = None
         if self.set:
             _vouched.on = True
+            _vouched.kept = tuple(t.data_ptr() for t in self.given)
+        elif self.ok and self.given:
+            self.prev = _vouched.kept
+            _vouched.kept = self.prev + tuple(t.data_ptr() for t in self.given)
 
     def __exit__(self, *exc) -> None:
         if self.set:
             _vouched.on = False
+            _vouched.kept = ()
+        elif self.prev is not None:
+            _vouched.kept = self.prev
 
 
 def vouched() -> bool:

@@ -319,8 +319,9 @@ class FusedResNet(nn.Module):
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     """Stem (fused conv1 + bn1 + ReLU), maxpool, the four stages, pool, fc. CPU inference on NCHW input
     runs in channels_last (fastres.models.input_layout)."""
+    given = x
     x, ok = inference_call(model, x)
-    with vouch(ok):
+    with vouch(ok, given, x):
         x = stem_forward(model, x)
         x = max_pool(model.maxpool, x)
         x = model.layer1(x)

@@ -219,3 +219,51 @@ def test_onednn_switched_off_is_honoured_by_a_vouched_call(spy, monkeypatch):
         spy["hit"] = 0
         model(x)
         assert spy["hit"] == 0
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Whether each residual a vouched layer saw was written in place (True) or not (False)."""
+    seen = []
+    real = aten_backend._writable
+
+    def spy(residual, x, conv):
+        seen.append(real(residual, x, conv))
+        return seen[-1]
+
+    monkeypatch.setattr(aten_backend, "_writable", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["basic", "bottleneck"])
+def test_outputs_written_into_residuals_equal_the_out_of_place_path(arch, writes, monkeypatch):
+    model = make(arch).eval()
+    x = batch(3, torch.channels_last)
+    with torch.no_grad(), fastres.frozen(model):
+        model(x)
+        writes.clear()
+        got = model(x)
+        assert writes and all(writes)   # every block's residual is the call's own (else this proves nothing)
+        monkeypatch.setattr(aten_backend, "_writable", lambda *a: False)
+        want = model(x)
+    assert torch.equal(got, want)
+
+
+def test_the_callers_tensors_are_never_written(writes):
+    """A model's stem always makes a new tensor, so its blocks never see the caller's; a nested model call
+    could, so vouch() keeps the tensors it was given from writes: here a block called inside a vouched
+    call that was given the block's input."""
+    model = make("basic").eval()
+    x = batch(3, torch.channels_last)
+    block = model.layer1[1]   # an identity block: its residual is its input
+    with torch.no_grad(), fastres.frozen(model):
+        model(x)   # packs every weight for these shapes
+        t = torch.randn(x.shape[0], 64, x.shape[2] // 4, x.shape[3] // 4).contiguous(memory_format=torch.channels_last)
+        before, writes[:] = t.clone(), []
+        with input_layout.vouch(True, t):
+            got = block(t)
+        assert writes == [False] and torch.equal(t, before)
+        with input_layout.vouch(True):
+            again = block(t)
+        assert writes == [False, True]   # (not given: written, so the first check could fail)
+    assert torch.equal(got, again)
