@@ -4,9 +4,9 @@
 A fold cached across calls cannot see every change to the tensors it was made from (fused optimizers and
 ``.data`` edits leave version counters alone, inference tensors have none), so the default eval path reads
 the live tensors on every call. Inside the context a fold is remade when
-- the values of any of its small tensors (conv bias, BatchNorm weight, bias, running statistics: C numbers
-  each) differ from the ones it was made from: compared on every call (a few microseconds), which sees
-  every way they can change, running-statistic updates by any forward included;
+- the values, dtype or device of any of its small tensors (conv bias, BatchNorm weight, bias, running
+  statistics: C numbers each) differ from the ones it was made from: compared on every call (a few
+  microseconds), which sees every way they can change, running-statistic updates by any forward included;
 - the conv weight is another tensor object, storage, dtype, device or shape (.to(), .half(),
   ``p.data = ...``, load_state_dict(assign=True), torch.func.functional_call with new tensors) or its
   version counter moved (copy_, load_state_dict, in-place ops through the parameter itself). The entry
@@ -119,15 +119,26 @@ def frozen_active(bn: torch.nn.Module) -> bool:
     return bool(_FROZEN) and bn in _held.bns
 
 
-def _state(t: Optional[Tensor]):
-    if t is None:
-        return None
+def _state(t: Tensor):
     version = None if t.is_inference() else t._version   # inference tensors carry no version counter
     return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
 
 
 def _same_values(snapshot, tensors) -> bool:
     return all((a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(snapshot, tensors))
+
+
+def _tensors(conv: torch.nn.Module, bn: torch.nn.Module):
+    """(conv weight, (conv bias, BN weight, BN bias, running mean, running var)): for an exact nn.Conv2d and
+    nn.BatchNorm2d read from the parameter and buffer tables, where Module.__setattr__ keeps them (what
+    Module.__getattr__ returns, without its call); otherwise, or for a name not in its table, as attributes."""
+    if type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d:
+        try:
+            cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+            return cp["weight"], (cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"])
+        except KeyError:
+            pass
+    return conv.weight, (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
 def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[list]:
@@ -137,16 +148,25 @@ def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[li
     An entry: [key, folded weight, folded bias, ((what it was packed for, prepacked weight), ...) newest
     first or None, the small tensors' values it was made from, an alias of the conv weight it was folded
     from]. The packs are replaced as one new tuple, so a thread never reads a weight packed for another
-    shape than the one stored beside it."""
+    shape than the one stored beside it. The small tensors enter the key by dtype and device only (their
+    values are compared on every call: torch.equal ignores dtype); the conv weight by everything in
+    :func:`_state`. (It runs once per layer per call: ~10 us of Python.)"""
     slot = _FROZEN.get(bn)
     if slot is None or bn not in _held.bns:
         return None
-    weight = conv.weight
-    small = (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if weight.dim() != 4 or bn.running_mean is None or bn.running_var is None \
-            or any(t is not None and t.shape != (weight.shape[0],) for t in small):
+    weight, small = _tensors(conv, bn)
+    if weight.dim() != 4 or small[3] is None or small[4] is None:
         return None
-    key = (generation, _state(weight), tuple(_state(t) for t in small), eps, torch.is_inference_mode_enabled())
+    c = (weight.shape[0],)
+    kinds = []
+    for t in small:
+        if t is None:
+            kinds.append(None)
+        elif t.shape != c:
+            return None
+        else:
+            kinds.append((t.dtype, t.device))
+    key = (generation, _state(weight), tuple(kinds), eps, torch.is_inference_mode_enabled())
     e = slot[1]
     if e is None or e[0] != key or not _same_values(e[4], small):
         w, b = fold(weight, *small, eps)

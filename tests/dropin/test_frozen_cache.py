@@ -206,3 +206,31 @@ def test_alternating_input_shapes_keep_their_packs_and_stay_right(monkeypatch):
         for n in (5, 6, 1):   # beyond PACKS_KEPT: the oldest are evicted and repacked when they return
             run(n)
         assert len(packs) == kept + 3 * (first // 2)
+
+
+def test_small_tensors_enter_the_key_by_value_dtype_and_object_kind(monkeypatch):
+    """The BatchNorm tensors are compared by value on every call (torch.equal ignores dtype, so their dtype
+    is in the key): a new tensor object with the same values and dtype keeps the fold, new values or a new
+    dtype remake it, and each result matches the unfrozen model."""
+    from fastres.backends import fold_cache
+
+    model = cifar_net()
+    bn = model.layer2[0].bn1
+    folds = []
+    real = fold_cache.fold
+    monkeypatch.setattr(fold_cache, "fold", lambda *a: folds.append(1) or real(*a))
+    with torch.no_grad(), fastres.frozen(model):
+        model(X)
+        n = len(folds)
+        model(X)
+        assert len(folds) == n   # nothing changed: no fold
+        bn.running_var = bn.running_var.clone()   # another object, same values and dtype
+        model(X)
+        assert len(folds) == n
+        bn.running_var = bn.running_var * 1.5   # new values
+        got = model(X)
+        assert len(folds) == n + 1
+        check(got, model, what="new values")
+        bn.running_mean = bn.running_mean.double()   # same values, another dtype: remade
+        model(X)
+        assert len(folds) == n + 2
