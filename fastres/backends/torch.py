@@ -237,8 +237,9 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
     differ from layer to layer: exact nn.Conv2d / nn.BatchNorm2d with zero padding mode and running
     statistics (without them eval normalises with batch statistics), oneDNN enabled, the fold still
     valid (every rule of the cache, as on the full path), a weight already prepacked for this input
-    shape and geometry, channels_last fp32 data, a residual of the output's shape. None: the caller
-    takes the full path (which packs, or explains)."""
+    shape and geometry, channels_last fp32 data, a residual of the output's shape (the output written into
+    it when it is the call's own: :func:`_writable`). None: the caller takes the full path (which packs,
+    or explains)."""
     if type(conv) is not torch.nn.Conv2d or type(bn) is not torch.nn.BatchNorm2d or conv.padding_mode != "zeros" \
             or x.dtype is not torch.float32 or not x.is_contiguous(memory_format=_CL) or not onednn_enabled \
             or bn.running_mean is None or bn.running_var is None:   # (no running statistics: batch statistics)
