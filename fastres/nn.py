@@ -28,6 +28,7 @@ from torch.nn.modules import module as _module_mod
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
+from fastres.backends.common import pair_tensors
 from fastres.errors import InputShapeError
 from fastres.ops.bn_act import run_bn_act
 from fastres.ops.common import BNSpec, aten_reason
@@ -193,7 +194,7 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
     if frozen:  # always eval-mode BatchNorm with its buffers as the affine parameters
         return _eval(x, conv, bn, residual, relu, bn.eps)
     weight, bias, gamma, beta, rm, rv, tracked = (
-        _tensors(conv, bn) if plain else
+        pair_tensors(conv, bn) if plain else
         (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
          getattr(bn, "num_batches_tracked", None)))
     batch_stats, keep, factor, count = _bn_rules(bn, tracked, rm, rv)
@@ -229,20 +230,6 @@ def _pair_hooked(conv: nn.Module, bn: nn.Module) -> bool:
                 or h._global_backward_pre_hooks
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks)
-
-
-def _tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    """(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
-    of an exact nn.Conv2d and nn.BatchNorm2d, read on every call from the modules' parameter and buffer
-    tables, where Module.__setattr__ keeps them: what Module.__getattr__ returns, without its call. A name
-    not in its table (deleted, or set again as a plain attribute) is read as the attribute."""
-    try:
-        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-        return (cp["weight"], cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
-                bb["num_batches_tracked"])
-    except KeyError:
-        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                bn.num_batches_tracked)
 
 
 def _bn_rules(bn: nn.Module, tracked: Optional[Tensor], running_mean: Optional[Tensor],

@@ -12,7 +12,21 @@ from fastres.layout import memory_format_of
 
 Tensor = torch.Tensor
 
-__all__ = ["conv_bn_act_grads", "eval_stats", "format_of"]
+__all__ = ["conv_bn_act_grads", "eval_stats", "format_of", "pair_tensors"]
+
+
+def pair_tensors(conv: torch.nn.Module, bn: torch.nn.Module):
+    """(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    of an exact nn.Conv2d and nn.BatchNorm2d, read on every call from the modules' parameter and buffer
+    tables, where Module.__setattr__ keeps them: what Module.__getattr__ returns, without its call. A name
+    not in its table (deleted, or set again as a plain attribute) is read as the attribute."""
+    try:
+        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+        return (cp["weight"], cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
+                bb["num_batches_tracked"])
+    except KeyError:
+        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                bn.num_batches_tracked)
 
 
 def format_of(t: Tensor) -> torch.memory_format:

@@ -29,6 +29,8 @@ from typing import Optional, Tuple
 import torch
 from torch.optim import optimizer as _optim
 
+from fastres.backends.common import pair_tensors
+
 Tensor = torch.Tensor
 
 __all__ = ["fold", "freeze", "thaw", "refresh", "frozen_active", "entry"]
@@ -129,15 +131,11 @@ def _same_values(snapshot, tensors) -> bool:
 
 
 def _tensors(conv: torch.nn.Module, bn: torch.nn.Module):
-    """(conv weight, (conv bias, BN weight, BN bias, running mean, running var)): for an exact nn.Conv2d and
-    nn.BatchNorm2d read from the parameter and buffer tables, where Module.__setattr__ keeps them (what
-    Module.__getattr__ returns, without its call); otherwise, or for a name not in its table, as attributes."""
+    """(conv weight, (conv bias, BN weight, BN bias, running mean, running var)); an exact nn.Conv2d and
+    nn.BatchNorm2d read from their tables (:func:`fastres.backends.common.pair_tensors`)."""
     if type(conv) is torch.nn.Conv2d and type(bn) is torch.nn.BatchNorm2d:
-        try:
-            cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-            return cp["weight"], (cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"])
-        except KeyError:
-            pass
+        t = pair_tensors(conv, bn)
+        return t[0], t[1:6]
     return conv.weight, (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 

@@ -45,6 +45,7 @@ import torch.nn as nn
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
+from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor
 
@@ -55,7 +56,6 @@ _ALLOWED: Set[type] = {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Adap
 
 _mm = torch.nn.modules.module  # where the global module hooks live
 _vouched = aten_backend.vouched
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def allow(*classes: type) -> None:
@@ -73,7 +73,7 @@ def _tensor_ok(x) -> bool:
 def _context_ok() -> bool:
     return not (torch.is_grad_enabled() or _fwd_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-                or _functorch_active() or _mm._global_forward_hooks or _mm._global_forward_pre_hooks
+                or functorch_active() or _mm._global_forward_hooks or _mm._global_forward_pre_hooks
                 or _mm._global_backward_hooks or _mm._global_backward_pre_hooks)
 
 

@@ -26,7 +26,8 @@ import torch.autograd.forward_ad as _fwd_ad
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.nn import global_hooks, is_fx_tracing, module_hooked
+from fastres.nn import hooked, is_fx_tracing
+from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor
 
@@ -34,7 +35,6 @@ __all__ = ["max_pool"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CL = torch.channels_last
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _FORWARD = nn.MaxPool2d.forward   # (a forward patched on the class is the user's code: it runs)
 
 
@@ -43,9 +43,9 @@ def _channels_last_pays(pool: nn.Module, x: Tensor) -> bool:
     # queries on its tensors)
     return (not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
             and not is_fx_tracing() and type(pool) is nn.MaxPool2d and nn.MaxPool2d.forward is _FORWARD
-            and type(x) is Tensor and not _functorch_active() and _fwd_ad._current_level < 0
+            and type(x) is Tensor and not functorch_active() and _fwd_ad._current_level < 0
             and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
-            and "forward" not in pool.__dict__ and not module_hooked(pool) and not global_hooks()
+            and "forward" not in pool.__dict__ and not hooked(pool)
             and not pool.return_indices and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES
             and not (torch.is_grad_enabled() and x.requires_grad)
             and x.is_contiguous() and not x.is_contiguous(memory_format=_CL))

@@ -9,7 +9,8 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["BNSpec", "eager", "plain_eager", "aten_reason", "autocast_operands", "differentiable_backward"]
+__all__ = ["BNSpec", "eager", "plain_eager", "aten_reason", "autocast_operands", "differentiable_backward",
+           "functorch_active"]
 
 
 class BNSpec(NamedTuple):
@@ -47,7 +48,8 @@ def plain_eager() -> bool:
             and not torch._C._is_tracing())
 
 
-def _functorch_active() -> bool:
+def functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp ...) is running."""
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
@@ -58,7 +60,7 @@ def aten_reason(x: Tensor) -> Optional[str]:
     (a deployable graph of standard ops)."""
     if x.device.type == "meta":
         return "meta tensors"
-    if _functorch_active() and not torch.compiler.is_compiling():   # (dynamo's own tracing is not one)
+    if functorch_active() and not torch.compiler.is_compiling():   # (dynamo's own tracing is not one)
         return "a torch.func transform is active"
     if torch.compiler.is_exporting():
         return "torch.export"
