@@ -7,8 +7,9 @@ the live tensors on every call. Inside the context a fold is remade when
 - the values, dtype or device of any of its small tensors (conv bias, BatchNorm weight, bias, running
   statistics: C numbers each) differ from the ones it was made from: compared on every call (a few
   microseconds), which sees every way they can change, running-statistic updates by any forward included;
-- the conv weight is another tensor object, storage, dtype, device or shape (.to(), .half(),
-  ``p.data = ...``, load_state_dict(assign=True), torch.func.functional_call with new tensors) or its
+- the conv weight is another tensor object, storage, dtype, device, shape or strides (.to(), .half(),
+  ``p.data = ...`` (also a same-shape transpose of the same storage), load_state_dict(assign=True),
+  torch.func.functional_call with new tensors) or its
   version counter moved (copy_, load_state_dict, in-place ops through the parameter itself). The entry
   holds an alias of the weight it was folded from, so that storage stays allocated while the entry lives:
   a new weight can never be handed the same address (without the alias, ``p.data = a; p.data = b`` between
@@ -123,7 +124,7 @@ def frozen_active(bn: torch.nn.Module) -> bool:
 
 def _state(t: Tensor):
     version = None if t.is_inference() else t._version   # inference tensors carry no version counter
-    return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
+    return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape), t.stride())
 
 
 def _same_values(snapshot, tensors) -> bool:

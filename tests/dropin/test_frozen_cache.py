@@ -234,3 +234,25 @@ def test_small_tensors_enter_the_key_by_value_dtype_and_object_kind(monkeypatch)
         bn.running_mean = bn.running_mean.double()   # same values, another dtype: remade
         model(X)
         assert len(folds) == n + 2
+
+
+@pytest.mark.parametrize("change", ["transpose through .data", "transpose_ in place", "as_strided_"])
+def test_a_weight_restrided_in_place_is_refolded(change):
+    """Same object, storage, address, shape and version counter, new values: only the strides tell
+    (found by a user-style probe: the output had not moved)."""
+    model = cifar_net()
+    conv = model.layer2[1].conv1   # 3x3, 32 -> 32: a transpose keeps the shape
+    with torch.no_grad(), fastres.frozen(model):
+        model(X)
+        model(X)
+        w = conv.weight
+        if change == "transpose through .data":
+            w.data = w.data.transpose(2, 3)
+        elif change == "transpose_ in place":
+            w.requires_grad_(False)
+            w.transpose_(0, 1)
+        else:
+            w.requires_grad_(False)
+            w.as_strided_(w.shape, (w.stride(0), w.stride(1), 1, 3))
+        got = model(X)
+    check(got, model, what=f"after {change}")
