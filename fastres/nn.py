@@ -10,14 +10,14 @@ parameters and buffers, so state_dicts, optimizers, ``.half()``, ``.to(memory_fo
 Cases the fused op does not express run the same modules unfused, and say so (DEBUG log on the
 ``fastres`` logger, counted in fastres.backend.calls as ("conv_bn_act", "forward", "unfused")):
 a conv whose padding_mode is not "zeros" or whose padding is a string, a BatchNorm that is not a
-BatchNorm2d, a subclass with its own forward (the fused op would skip it), modules with hooks and
-torch.fx symbolic tracing (the modules must be called), and SyncBatchNorm while training across
+BatchNorm2d, a subclass with its own forward or a torch.nn class whose forward was patched
+(fastres.nn_methods: the fused op would skip it), modules with hooks and the tracers that record module
+calls (the modules must be called), and SyncBatchNorm while training across
 several processes (its statistics need a collective; the conv and BN then run as the two modules,
 still exact). torchvision's FrozenBatchNorm2d runs fused, as an eval-mode BatchNorm.
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
@@ -30,6 +30,18 @@ from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.backends.common import pair_tensors
 from fastres.errors import InputShapeError
+from fastres.nn_methods import (
+    BN_FORWARDS,
+    CONV_CONV_FORWARD,
+    CONV_FORWARD,
+    RELU_FORWARD,
+    bn_unpatched,
+    conv_unpatched,
+    frozen_bn_class,
+    is_frozen_bn,
+    nn_methods_unpatched,
+    own_method,
+)
 from fastres.ops.bn_act import run_bn_act
 from fastres.ops.common import BNSpec, aten_reason
 from fastres.ops.conv_bn_act import run_conv_bn_act
@@ -38,26 +50,17 @@ Tensor = torch.Tensor
 _vouched = aten_backend.vouched
 
 __all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "draws_nothing", "hooked", "module_hooked",
-           "global_hooks", "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu",
+           "global_hooks", "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu", "tracing_modules",
+           "own_method", "conv_unpatched", "bn_unpatched", "nn_methods_unpatched", "frozen_bn_class", "is_frozen_bn",
            "FusedConvBN2d", "FusedConvBNReLU2d"]
-
-
-def frozen_bn_class() -> Optional[type]:
-    """torchvision's FrozenBatchNorm2d (what detection backbones use), when torchvision is loaded."""
-    misc = sys.modules.get("torchvision.ops.misc")
-    return getattr(misc, "FrozenBatchNorm2d", None)
-
-
-def is_frozen_bn(bn: nn.Module) -> bool:
-    cls = frozen_bn_class()
-    return cls is not None and type(bn) is cls
 
 
 def draws_nothing(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether (conv, bn) is an exact nn.Conv2d and a BatchNorm (nn.BatchNorm2d, nn.SyncBatchNorm,
     torchvision's FrozenBatchNorm2d): modules that draw no random numbers, so a block may compute its
     shortcut before them (and fuse its add) without changing the order of random draws."""
-    return type(conv) is nn.Conv2d and (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn))
+    return type(conv) is nn.Conv2d and conv_unpatched(conv) and bn_unpatched(bn) and (
+        type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn))
 
 
 def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
@@ -67,9 +70,9 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     frozen = is_frozen_bn(bn)
     if not frozen and not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return f"{type(bn).__name__} is not an nn.BatchNorm2d"
-    if type(conv).forward is not nn.Conv2d.forward:
+    if not conv_unpatched(conv):
         return f"{type(conv).__name__} has its own forward (the fused op would skip it)"
-    if not frozen and type(bn).forward not in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
+    if not bn_unpatched(bn):
         return f"{type(bn).__name__} has its own forward (the fused op would skip it)"
     if conv.padding_mode != "zeros":
         return f"conv padding_mode={conv.padding_mode!r} (only 'zeros' is fused)"
@@ -81,8 +84,20 @@ def unfusable_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return None
 
 
-# True inside torch.fx.symbolic_trace (not inside torch.export, which traces the fused path itself).
+# True inside torch.fx.symbolic_trace.
 is_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+
+
+def tracing_modules() -> bool:
+    """Whether a tracer that records module calls is running: torch.fx symbolic tracing, torch.jit.trace
+    (and the legacy ONNX exporter on it), torch.export (and the dynamo ONNX exporter on it). Their graphs
+    name and scope each op by the module that called it (fx node targets, ONNX node names such as
+    /layer1/layer1.0/conv1/Conv, nn_module_stack, which torch.export.unflatten rebuilds modules from) and
+    keep torchvision's op order (the shortcut after bn2 / bn3): under them every module is called, as in
+    torchvision's forward. (torch.compile is none of these: it compiles the fused path; dynamo cannot trace
+    the jit query, so it is asked only outside it.)"""
+    return is_fx_tracing() or torch.compiler.is_exporting() or (
+        not torch.compiler.is_compiling() and torch._C._is_tracing())
 
 _hooks = _module_mod  # torch.nn.modules.module: where the global module hooks live
 
@@ -111,9 +126,10 @@ def hooked(*mods: nn.Module) -> bool:
 
 def plain_forward_needed(*mods: nn.Module) -> bool:
     """True when a fused forward must run its modules as the plain model would (each module called):
-    under torch.fx symbolic tracing (the graph must show the real Conv2d / BatchNorm2d / ReLU calls,
-    as torchvision's does) or when one of them, or the module system, has hooks."""
-    return is_fx_tracing() or hooked(*mods)
+    under a tracer that records module calls (:func:`tracing_modules`: the graph must show the real
+    Conv2d / BatchNorm2d / ReLU calls, as torchvision's does) or when one of them, or the module system,
+    has hooks."""
+    return tracing_modules() or hooked(*mods)
 
 
 def _subtree_hooked(m: nn.Module) -> bool:
@@ -127,9 +143,9 @@ def _subtree_hooked(m: nn.Module) -> bool:
 
 
 def inner_plain_forward_needed(block: nn.Module) -> bool:
-    """plain_forward_needed(*every module inside `block`): torch.fx tracing, a global module hook, or a
+    """plain_forward_needed(*every module inside `block`): a module tracer, a global module hook, or a
     hook on any module below the block (the block's own hooks run anyway: it is called)."""
-    return is_fx_tracing() or global_hooks() or _subtree_hooked(block)
+    return tracing_modules() or global_hooks() or _subtree_hooked(block)
 
 
 def _needs_sync(bn: nn.Module) -> bool:
@@ -150,7 +166,7 @@ def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tenso
 def is_plain_relu(m: object) -> bool:
     """Whether `m` is a ReLU a fused op may stand in for: nn.ReLU's own forward, no hooks. Blocks check
     it on every call, so a ReLU swapped for another activation (SiLU, GELU, LeakyReLU ...) runs as itself."""
-    return isinstance(m, nn.Module) and type(m).forward is nn.ReLU.forward and not module_hooked(m)
+    return isinstance(m, nn.Module) and type(m).forward is RELU_FORWARD is not None and not module_hooked(m)
 
 
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,
@@ -166,25 +182,28 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
         if y is not None:
             backend.count("conv_bn_act", "forward", "torch")
             return y
-    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
+    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and nn.Conv2d.forward is CONV_FORWARD \
+            and nn.Conv2d._conv_forward is CONV_CONV_FORWARD and nn.BatchNorm2d.forward is BN_FORWARDS[0]:
         # The usual pair, checked by attribute reads: unfusable_reason's structural checks (its class
         # checks hold by the exact types), plain_forward_needed (no SyncBatchNorm, no frozen BN here).
         why = (None if conv.padding_mode == "zeros" and type(conv.padding) is not str
                and conv.out_channels == bn.num_features else unfusable_reason(conv, bn))
-        if why is None and (_pair_hooked(conv, bn) or is_fx_tracing()):
-            why = "hooks, or torch.fx tracing"
+        if why is None and (_pair_hooked(conv, bn) or tracing_modules()):
+            why = "hooks, or a module tracer (torch.fx, torch.jit.trace, torch.export)"
         frozen, plain = False, True
     else:
         plain = False
         why = unfusable_reason(conv, bn)
         if why is None and plain_forward_needed(conv, bn):
-            why = "hooks, or torch.fx tracing"
+            why = "hooks, or a module tracer (torch.fx, torch.jit.trace, torch.export)"
         if why is None and _needs_sync(bn):
             why = "SyncBatchNorm training across processes"
         frozen = why is None and is_frozen_bn(bn)
     if why is not None:
         if not torch.compiler.is_compiling() and not is_fx_tracing():
             backend.log.debug("fastres conv_bn_act: running unfused: %s", why)
+        return _unfused(x, conv, bn, residual, relu)
+    if not isinstance(x, Tensor):   # (a list, a NumPy array ...: the conv module raises torchvision's TypeError)
         return _unfused(x, conv, bn, residual, relu)
     if x.ndim != 4:
         if x.ndim == 3:   # conv2d takes an unbatched input; nn.BatchNorm2d then rejects it with this error
@@ -251,7 +270,7 @@ def bn_act_modules(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, 
     """act(bn(x) (+ residual)) as the fused op bn_act, with nn.BatchNorm2d's semantics, for a BatchNorm
     no fusable conv precedes. The module itself runs (exact) when it is no plain BatchNorm2d, has hooks,
     is traced by torch.fx, or is a SyncBatchNorm training across processes."""
-    plain = type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)
+    plain = (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)) and bn_unpatched(bn)
     if not plain or plain_forward_needed(bn) or _needs_sync(bn):
         backend.count("bn_act", "forward", "unfused")
         y = bn(x)

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Layers, bottom (0) to top: a module may import modules of its own layer or below, never above.
 LAYERS = [
     ("fastres.kernels", "fastres._ext", "fastres.layout", "fastres.errors", "fastres.ops.reference",
-     "fastres.models.registry"),
+     "fastres.models.registry", "fastres.nn_methods"),
     ("fastres.backends", "fastres.backend"),
     ("fastres.ops",),
     ("fastres.nn",),

@@ -23,7 +23,8 @@ runs on the input as given, as torchvision would:
 * not traced or transformed: not torch.compile / torch.export, torch.jit.trace, torch.fx, torch.func;
 * the model's stem BatchNorm (bn1) inside an active fastres.frozen context;
 * every submodule of a type whose code fastres knows (:func:`allow`: the fused blocks, nn.Conv2d,
-  nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...), none with a forward replaced on the instance, and no
+  nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...), none with a forward replaced on the instance, torch's own
+  forwards on nn.Conv2d, nn.BatchNorm2d, nn.ReLU and nn.Linear (fastres.nn.nn_methods_unpatched), and no
   module hook anywhere: a hook or a user's own code (a swapped head, a replaced activation, a patched
   forward) sees exactly the tensors torchvision would give it;
 * the torch backend chosen for conv_bn_act on the CPU.
@@ -44,7 +45,7 @@ import torch.nn as nn
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
-from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
+from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d, nn_methods_unpatched
 from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor
@@ -101,7 +102,7 @@ def inference_call(model: nn.Module, x: Tensor) -> Tuple[Tensor, bool]:
     # (not traced by torch.compile; outside frozen() the stem's fold test answers, in a dict lookup; the
     # context before the tensor: vmap rejects some queries)
     if torch.compiler.is_compiling() or not _stem_frozen(model) or model.training or not _context_ok() \
-            or not _tensor_ok(x) or not _modules_ok(model):
+            or not _tensor_ok(x) or not nn_methods_unpatched() or not _modules_ok(model):
         return x, False
     try:
         if backend.resolve_cached("conv_bn_act", x.device) != "torch":

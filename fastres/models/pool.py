@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as _fwd_ad
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.nn import hooked, is_fx_tracing
+from fastres.nn import hooked, is_fx_tracing, own_method
 from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor
@@ -35,14 +35,14 @@ __all__ = ["max_pool"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CL = torch.channels_last
-_FORWARD = nn.MaxPool2d.forward   # (a forward patched on the class is the user's code: it runs)
+_FORWARD = own_method(nn.MaxPool2d, "forward")   # (a forward patched on the class is the user's code: it runs)
 
 
 def _channels_last_pays(pool: nn.Module, x: Tensor) -> bool:
     # (tracers first: torch.compile cannot trace the mode queries; then the context: vmap rejects layout
     # queries on its tensors)
     return (not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
-            and not is_fx_tracing() and type(pool) is nn.MaxPool2d and nn.MaxPool2d.forward is _FORWARD
+            and not is_fx_tracing() and type(pool) is nn.MaxPool2d and nn.MaxPool2d.forward is _FORWARD is not None
             and type(x) is Tensor and not functorch_active() and _fwd_ad._current_level < 0
             and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
             and "forward" not in pool.__dict__ and not hooked(pool)

@@ -73,7 +73,8 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option A: keep every `stride`-th pixel and append zero channels up to `out_channels`. No parameters."""
+    """Option A: keep every `stride`-th pixel and append out_channels - in_channels zero channels. No
+    parameters. (The count comes from the module, not the input's shape: torch.fx traces it.)"""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
@@ -85,7 +86,7 @@ class ZeroPadShortcut(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.stride != 1:
             x = x[:, :, ::self.stride, ::self.stride]
-        extra = self.out_channels - x.shape[1]
+        extra = self.out_channels - self.in_channels
         return F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x
 
     def extra_repr(self) -> str:

@@ -107,11 +107,13 @@ def _bad_calls(model):
         "integer": lambda: model(torch.ones(2, 3, 32, 32, dtype=torch.int64)),
         "bool": lambda: model(torch.ones(2, 3, 32, 32, dtype=torch.bool)),   # aten: NotImplementedError
         "rank": lambda: model(torch.randn(2, 2, 3, 32, 32)),
+        "list": lambda: model([[0.5] * 32] * 32),   # not a tensor: conv2d's TypeError
+        "tuple": lambda: model((torch.randn(2, 3, 32, 32),)),
     }
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("bad", ["channels", "dtype", "integer", "bool", "rank"])
+@pytest.mark.parametrize("bad", ["channels", "dtype", "integer", "bool", "rank", "list", "tuple"])
 @pytest.mark.parametrize("kind", ["fused", "converted"])
 def test_bad_input_raises_torchvisions_exception_type_and_leaves_state(kind, bad, train):
     model = make("basic", kind)

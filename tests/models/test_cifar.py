@@ -152,3 +152,23 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * q.grad.abs().max().item())
     for k, v in net.state_dict().items():  # running statistics updated through the compiled graph
         torch.testing.assert_close(v, ref.state_dict()[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B", None])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torch_fx_traces_every_shortcut_option(shortcut, train):
+    """Option A's zero channels are counted from the module (a traced input's shape is a Proxy)."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    torch.manual_seed(3)
+    net = cifar.CifarResNet(20, shortcut=shortcut)
+    randomize_bn(net, 3)
+    net.train(train)
+    traced = torch.fx.symbolic_trace(net)
+    assert any(isinstance(m, ZeroPadShortcut) for m in net.modules()) == (shortcut == "A")
+    x = torch.randn(4, 3, 16, 16)
+    twin = copy.deepcopy(net)
+    assert torch.equal(traced(x), twin(x))          # (train: both update their own statistics alike)
+    names = get_graph_node_names(net)[0]
+    assert "layer3.2.conv2" in names
+    feats = create_feature_extractor(net, {"layer2": "mid"})(x)["mid"]
+    assert feats.shape == (4, 32, 8, 8)

@@ -1,0 +1,76 @@
+"""Drop-in: a forward patched on a torch.nn class is the user's code, and it runs.
+
+Tools and users monkeypatch torch.nn classes (``nn.ReLU.forward = f``, a wrapped ``nn.Conv2d._conv_forward``,
+a traced ``nn.Linear.forward``); torchvision's ResNet then runs the patched code in every module of that
+class. fastres's fused paths stand in for nn.Conv2d, nn.BatchNorm2d, nn.ReLU and nn.Linear only while
+those run torch's own code (fastres.nn.own_method, read at import and checked on every call): with a patch
+the modules of that class run as themselves, by default and inside fastres.frozen, and the model gives what
+torchvision gives under the same patch. (Found by a user-style probe: the fused path had skipped them.)
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from numerics import assert_as_good
+from workflow_helpers import batch, make, twin_of
+
+import fastres
+from fastres.nn import nn_methods_unpatched, own_method
+
+
+def _patches():
+    conv_fwd, conv_conv, bn_fwd = nn.Conv2d.forward, nn.Conv2d._conv_forward, nn.BatchNorm2d.forward
+    lin_fwd = nn.Linear.forward
+    return {
+        "ReLU.forward": (nn.ReLU, "forward", lambda self, t: torch.clamp(t, 0.0, 0.5)),
+        "Conv2d.forward": (nn.Conv2d, "forward", lambda self, t: conv_fwd(self, t) * 1.5),
+        "Conv2d._conv_forward": (nn.Conv2d, "_conv_forward", lambda self, t, w, b: conv_conv(self, t, w, b) - 0.25),
+        "BatchNorm2d.forward": (nn.BatchNorm2d, "forward", lambda self, t: bn_fwd(self, t).tanh()),
+        "Linear.forward": (nn.Linear, "forward", lambda self, t: lin_fwd(self, t) + 3.0),
+    }
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["default", "frozen"])
+@pytest.mark.parametrize("kind", ["fused", "converted"])
+@pytest.mark.parametrize("patch", list(_patches()))
+def test_a_patched_nn_class_forward_runs_as_in_torchvision(patch, kind, frozen, monkeypatch):
+    model = make("basic", kind).eval()
+    if patch == "Linear.forward":   # (a head large enough for the frozen call's oneDNN matmul)
+        model.fc = nn.Linear(512, 1000)
+    tv = twin_of(model, "basic", swaps=(lambda m: setattr(m, "fc", nn.Linear(512, 1000)))
+                 if patch == "Linear.forward" else None).eval()
+    x = batch(2)
+    with torch.no_grad():
+        clean = model(x)
+        cls, name, fn = _patches()[patch]
+        monkeypatch.setattr(cls, name, fn)
+        assert not nn_methods_unpatched()
+        ref = tv(x)
+        oracle = copy.deepcopy(tv).double()(x.double())
+        if frozen:
+            with fastres.frozen(model):
+                model(x)
+                got = model(x)
+        else:
+            got = model(x)
+    assert (ref - clean).abs().max() > 1e-2 * clean.abs().max()   # (the patch changes the answer)
+    assert_as_good(got, ref, oracle, f"{patch}, {kind}, {'frozen' if frozen else 'default'}")
+
+
+class _Base:
+    def run(self):
+        return 1
+
+
+class _Child(_Base):
+    pass
+
+
+def test_own_method_knows_a_patch_whenever_it_was_made():
+    assert own_method(_Child, "run") is _Base.run                  # (found in the MRO, owned by its class)
+    assert own_method(nn.BatchNorm2d, "forward") is nn.modules.batchnorm._BatchNorm.forward
+    _Child.run = lambda self: 2                                     # a patch made before the library looked
+    assert own_method(_Child, "run") is None
+    assert own_method(_Child, "missing") is None
+    assert nn_methods_unpatched()
