@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastres.models.input_layout import allow, head, inference_call, vouch
+from fastres.models.input_layout import allow, features, head, inference_call, vouch
 from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut, stem_forward
 
 Tensor = torch.Tensor
@@ -70,7 +70,7 @@ class CifarResNet(nn.Module):
         with vouch(ok, given, x):
             x = stem_forward(self, x)
             x = self.layer3(self.layer2(self.layer1(x)))
-            return head(self.fc, torch.flatten(self.avgpool(x), 1), ok)
+            return head(self.fc, features(self.avgpool, x, ok), ok)
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, shortcut={self.shortcut!r}"

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.models.input_layout import allow, head, inference_call, vouch, vouched
+from fastres.models.input_layout import allow, features, head, inference_call, vouch, vouched
 from fastres.models.plain import (
     basic_block_plain_forward,
     bottleneck_plain_forward,
@@ -329,8 +329,7 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
         x = model.layer2(x)
         x = model.layer3(x)
         x = model.layer4(x)
-        x = model.avgpool(x)
-        return head(model.fc, torch.flatten(x, 1), ok)
+        return head(model.fc, features(model.avgpool, x, ok), ok)
 
 
 def stem_forward(model: nn.Module, x: Tensor) -> Tensor:

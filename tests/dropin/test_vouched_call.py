@@ -12,12 +12,13 @@ take this path.
 """
 import copy
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 from numerics import assert_as_good
-from workflow_helpers import batch, check_eval, make
+from workflow_helpers import BATCH, batch, check_eval, make
 
 import fastres
 from fastres.backends import torch as aten_backend
@@ -267,3 +268,62 @@ def test_the_callers_tensors_are_never_written(writes):
             again = block(t)
         assert writes == [False, True]   # (not given: written, so the first check could fail)
     assert torch.equal(got, again)
+
+
+@pytest.fixture
+def pool_spy(monkeypatch):
+    """The input shapes input_layout.features handed to F.avg_pool2d (its global-pool shortcut)."""
+    shapes = []
+    real = torch.nn.functional.avg_pool2d
+
+    def counted(t, *args, **kwargs):
+        shapes.append(tuple(t.shape))
+        return real(t, *args, **kwargs)
+
+    monkeypatch.setattr(input_layout, "F", SimpleNamespace(avg_pool2d=counted))
+    return shapes
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("shape,size", [((1, 512, 7, 7), (1, 1)), ((8, 2048, 2, 2), 1), ((3, 64, 8, 8), (1, 1)),
+                                        ((2, 16, 1, 1), (1, 1)), ((2, 8, 5, 3), 1)])
+def test_vouched_global_pool_is_the_mean_within_the_house_rule(shape, size, fmt, pool_spy):
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape).abs().contiguous(memory_format=fmt)   # (post-ReLU features: well conditioned)
+    pool = nn.AdaptiveAvgPool2d(size)
+    got = input_layout.features(pool, x, True)
+    assert pool_spy == [shape]
+    want = torch.flatten(pool(x), 1)
+    assert got.shape == want.shape and got.stride() == want.stride()
+    assert_as_good(got, want, x.double().mean((2, 3)), "pooled features")
+
+
+class _MyPool(nn.AdaptiveAvgPool2d):
+    pass
+
+
+@pytest.mark.parametrize("case", ["not vouched", "pooled to 2x2", "a subclass", "class forward patched"])
+def test_global_pool_shortcut_only_where_it_is_that_pool(case, pool_spy, monkeypatch):
+    """Anything but a vouched call's exact global nn.AdaptiveAvgPool2d runs the module (a patched class
+    forward is the user's code: it is what runs)."""
+    x = torch.randn(2, 8, 4, 4)
+    assert input_layout.features(nn.AdaptiveAvgPool2d(1), x, True).shape == (2, 8) and pool_spy == [(2, 8, 4, 4)]
+    pool_spy.clear()   # (the plain case took the shortcut: the refusals below are refusals)
+    pool = {"pooled to 2x2": nn.AdaptiveAvgPool2d((2, 2)), "a subclass": _MyPool(1)}.get(case, nn.AdaptiveAvgPool2d(1))
+    seen = []
+    if case == "class forward patched":
+        real = nn.AdaptiveAvgPool2d.forward
+        monkeypatch.setattr(nn.AdaptiveAvgPool2d, "forward", lambda self, t: seen.append(t) or real(self, t) * 2)
+    got = input_layout.features(pool, x, case != "not vouched")
+    assert pool_spy == []
+    assert torch.equal(got, torch.flatten(pool(x), 1))
+    assert len(seen) == 2 * (case == "class forward patched")
+
+
+def test_frozen_model_pools_through_the_shortcut_and_matches_torchvision(pool_spy):
+    model = make("bottleneck").eval()
+    with torch.no_grad(), fastres.frozen(model):
+        model(batch())
+        assert pool_spy == [(BATCH, 2048, 2, 2)]
+        check_eval(model, "bottleneck", what="frozen logits, pooled through avg_pool2d")
+    assert len(pool_spy) == 2
