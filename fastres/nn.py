@@ -39,8 +39,6 @@ from fastres.nn_methods import (
     conv_unpatched,
     frozen_bn_class,
     is_frozen_bn,
-    nn_methods_unpatched,
-    own_method,
 )
 from fastres.ops.bn_act import run_bn_act
 from fastres.ops.common import BNSpec, aten_reason
@@ -51,7 +49,7 @@ _vouched = aten_backend.vouched
 
 __all__ = ["conv_bn_act_modules", "bn_act_modules", "unfusable_reason", "draws_nothing", "hooked", "module_hooked",
            "global_hooks", "plain_forward_needed", "inner_plain_forward_needed", "is_plain_relu", "tracing_modules",
-           "own_method", "conv_unpatched", "bn_unpatched", "nn_methods_unpatched", "frozen_bn_class", "is_frozen_bn",
+           "frozen_bn_class", "is_frozen_bn",
            "FusedConvBN2d", "FusedConvBNReLU2d"]
 
 
@@ -268,8 +266,8 @@ def _bn_rules(bn: nn.Module, tracked: Optional[Tensor], running_mean: Optional[T
 
 def bn_act_modules(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """act(bn(x) (+ residual)) as the fused op bn_act, with nn.BatchNorm2d's semantics, for a BatchNorm
-    no fusable conv precedes. The module itself runs (exact) when it is no plain BatchNorm2d, has hooks,
-    is traced by torch.fx, or is a SyncBatchNorm training across processes."""
+    no fusable conv precedes. The module itself runs (exact) when it is no plain BatchNorm2d (or its class's
+    forward is patched), has hooks, a module tracer runs, or it is a SyncBatchNorm training across processes."""
     plain = (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_bn(bn)) and bn_unpatched(bn)
     if not plain or plain_forward_needed(bn) or _needs_sync(bn):
         backend.count("bn_act", "forward", "unfused")

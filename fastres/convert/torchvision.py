@@ -15,6 +15,7 @@ from fastres.models import resnet as _fr
 from fastres.models.input_layout import allow
 from fastres.models.plain import resnet_plain_forward, tv_basic_block_forward, tv_bottleneck_forward
 from fastres.nn import is_plain_relu, unfusable_reason
+from fastres.nn_methods import own_method
 
 Tensor = torch.Tensor
 
@@ -94,9 +95,7 @@ def patched_method(cls: type, names) -> Optional[str]:
     """The first of the methods `names` of a library's class `cls` (which a converted class replaces)
     that is not the library's own code (a user patched the class, e.g. ``BasicBlock.forward = f``), or None."""
     for name in names:
-        fn = cls.__dict__.get(name)
-        if fn is None or getattr(fn, "__module__", None) != cls.__module__ \
-                or getattr(fn, "__qualname__", None) != f"{cls.__name__}.{name}":
+        if name not in cls.__dict__ or own_method(cls, name) is None:   # (defined in cls itself, as its own)
             return name
     return None
 

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
-from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d, nn_methods_unpatched, own_method
+from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
+from fastres.nn_methods import nn_methods_unpatched, own_method
 from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor

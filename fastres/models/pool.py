@@ -26,7 +26,8 @@ import torch.autograd.forward_ad as _fwd_ad
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.nn import hooked, is_fx_tracing, own_method
+from fastres.nn import hooked, is_fx_tracing
+from fastres.nn_methods import own_method
 from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor

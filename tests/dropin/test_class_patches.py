@@ -3,7 +3,7 @@
 Tools and users monkeypatch torch.nn classes (``nn.ReLU.forward = f``, a wrapped ``nn.Conv2d._conv_forward``,
 a traced ``nn.Linear.forward``); torchvision's ResNet then runs the patched code in every module of that
 class. fastres's fused paths stand in for nn.Conv2d, nn.BatchNorm2d, nn.ReLU and nn.Linear only while
-those run torch's own code (fastres.nn.own_method, read at import and checked on every call): with a patch
+those run torch's own code (fastres.nn_methods.own_method, read at import and checked on every call): with a patch
 the modules of that class run as themselves, by default and inside fastres.frozen, and the model gives what
 torchvision gives under the same patch. (Found by a user-style probe: the fused path had skipped them.)
 """
@@ -16,7 +16,7 @@ from numerics import assert_as_good
 from workflow_helpers import batch, make, twin_of
 
 import fastres
-from fastres.nn import nn_methods_unpatched, own_method
+from fastres.nn_methods import nn_methods_unpatched, own_method
 
 
 def _patches():
