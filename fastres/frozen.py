@@ -10,7 +10,11 @@ ResNet's NCHW input is converted to channels_last once at the model's input for 
 see the layout: fastres.models.input_layout).
 Where that check passes, a fastres model also vouches for the whole call: its layers skip the per-layer
 checks the model made once for all of them (each fold is still validated on every call by the rules
-below) and its nn.Linear head runs oneDNN's matmul on the live weight.
+below) and its nn.Linear head runs oneDNN's matmul on the live weight. Once calls with one input shape
+have spent a quarter of a second there, the model's body (stem, pooling, blocks) is traced once into a
+plan that oneDNN Graph compiles (fastres/models/plan.py: each primitive made once, ~0.2-0.7 s to build on
+ResNet-50); a call runs the plan only while its structure and every fold are the ones it was built from.
+``fastres.frozen(model, plan=False)`` keeps the per-layer path.
 
 The contract: inside the context a fold is remade on its next use after
 - any change of value of a conv bias, a BatchNorm weight, bias or running statistic, however it was
@@ -32,7 +36,7 @@ was set to share memory with (``p.data = v[...]``, as torch.nn.utils.vector_to_p
 an edit of ``v``), shared memory written by another process. The context covers the thread that entered
 it, as torch.no_grad does: another thread calling the model outside a context of its own runs the
 default path on the live tensors. On exit every fold of `model` is dropped; nothing outlives the
-context. Calls that need gradients of the weights (autograd on, parameters requiring grad),
+context (plans included). Calls that need gradients of the weights (autograd on, parameters requiring grad),
 torch.compile, export and tracing take the default path inside the context too. Under forward-mode AD
 the fold runs through aten's convolution, not the prepacked oneDNN one (which has no tangent formula).
 """
@@ -43,6 +47,7 @@ import threading
 import torch.nn as nn
 
 from fastres.backends import torch as aten_backend
+from fastres.models import plan as _plan
 from fastres.nn import is_frozen_bn
 
 __all__ = ["frozen"]
@@ -53,10 +58,13 @@ class frozen:
     cache cannot see (see the module docstring for the whole contract). Re-entrant and nestable; it covers
     the thread that entered it (one object may be entered by several threads, each for itself)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, plan: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastres.frozen: expected an nn.Module, got {type(model).__name__}")
+        if not isinstance(plan, bool):
+            raise TypeError(f"fastres.frozen: plan must be True or False, got {plan!r}")
         self.model = model
+        self.plan = plan
         self._local = threading.local()   # per thread: depth and the BatchNorm modules it froze
 
     def _state(self) -> list:
@@ -72,14 +80,19 @@ class frozen:
                      if isinstance(m, nn.modules.batchnorm._NormBase) or is_frozen_bn(m)]
             aten_backend.freeze(st[1])
         st[0] += 1
+        if not self.plan:
+            _plan.disable(self.model)
         return self
 
     def __exit__(self, *exc) -> None:
         st = self._state()
         st[0] -= 1
+        if not self.plan:
+            _plan.enable(self.model)
         if st[0] == 0:
             aten_backend.thaw(st[1])
             st[1] = []
+            _plan.drop(self.model)
 
     def refresh(self) -> None:
         """Remake every fold on its next use (after an edit through ``.data`` and the like)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from fastres.convert.chains import pair_reason
+from fastres.models import plan
 from fastres.models import resnet as _fr
 from fastres.models.input_layout import allow
 from fastres.models.plain import resnet_plain_forward, tv_basic_block_forward, tv_bottleneck_forward
@@ -72,6 +73,8 @@ def torchvision_classes() -> Dict[type, type]:
             cls = type(name, (base,), {**body, "__module__": "fastres.convert", "__qualname__": name, "__doc__": doc})
             _tv_classes[name] = cls
             allow(cls)   # channels_last CPU inference (fastres.models.input_layout) sees through them
+        plan.register(_tv_classes["ConvertedBasicBlock"], "basic")   # (fastres.models.plan may stand in for them)
+        plan.register(_tv_classes["ConvertedBottleneck"], "bottleneck")
     return {cls.__mro__[1]: cls for cls in _tv_classes.values()}
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from fastres.models import plan
 from fastres.models.input_layout import allow, features, head, inference_call, vouch
 from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut, stem_forward
 
@@ -28,6 +29,15 @@ def cifar_plain_forward(self, x: Tensor) -> Tensor:
     x = self.layer3(self.layer2(self.layer1(x)))
     x = torch.flatten(self.avgpool(x), 1)
     return self.fc(x)
+
+
+_STAGES = ("layer1", "layer2", "layer3")
+
+
+def cifar_body(self, x: Tensor) -> Tensor:
+    """Everything before the pooled head: stem and the three stages."""
+    x = stem_forward(self, x)
+    return self.layer3(self.layer2(self.layer1(x)))
 
 
 class CifarResNet(nn.Module):
@@ -67,9 +77,8 @@ class CifarResNet(nn.Module):
             return self.cifar_plain_forward(x)
         given = x
         x, ok = inference_call(self, x)   # channels_last for CPU inference (input_layout)
-        with vouch(ok, given, x):
-            x = stem_forward(self, x)
-            x = self.layer3(self.layer2(self.layer1(x)))
+        with vouch(ok, given, x):   # (a vouched call's body may run as one plan: fastres.models.plan)
+            x = plan.body(self, x, _STAGES, False, cifar_body) if ok else cifar_body(self, x)
             return head(self.fc, features(self.avgpool, x, ok), ok)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastres.models import plan
 from fastres.models.input_layout import allow, features, head, inference_call, vouch, vouched
 from fastres.models.plain import (
     basic_block_plain_forward,
@@ -323,13 +324,16 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     given = x
     x, ok = inference_call(model, x)
     with vouch(ok, given, x):
-        x = stem_forward(model, x)
-        x = max_pool(model.maxpool, x)
-        x = model.layer1(x)
-        x = model.layer2(x)
-        x = model.layer3(x)
-        x = model.layer4(x)
+        # a vouched call's body may run as one compiled plan (fastres.models.plan)
+        x = plan.body(model, x, ("layer1", "layer2", "layer3", "layer4"), True, resnet_body) if ok \
+            else resnet_body(model, x)
         return head(model.fc, features(model.avgpool, x, ok), ok)
+
+
+def resnet_body(model: nn.Module, x: Tensor) -> Tensor:
+    """Everything before the pooled head: stem, max pooling, the four stages."""
+    x = max_pool(model.maxpool, stem_forward(model, x))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
 
 
 def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -341,6 +345,8 @@ def stem_forward(model: nn.Module, x: Tensor) -> Tensor:
 
 
 allow(ZeroPadShortcut, BasicBlock, Bottleneck, FusedResNet)
+for _cls, _kind in ((BasicBlock, "basic"), (Bottleneck, "bottleneck"), (ZeroPadShortcut, "zeropad")):
+    plan.register(_cls, _kind)   # (fastres.models.plan may stand in for their forwards)
 
 
 def FusedResNet18(**kwargs) -> FusedResNet:

@@ -17,6 +17,16 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from workflow_helpers import batch, check_eval, make, train_step
 
 import fastres
+from fastres.models import plan
+
+
+@pytest.fixture(autouse=True)
+def plans_early(monkeypatch):
+    """Inside frozen, a compiled plan (fastres.models.plan) from the third call with one structure and
+    shape instead of after a quarter of a second: every test here meets plans as well as the per-layer path."""
+    monkeypatch.setattr(plan, "PLAN_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(plan, "builds", 0)
+
 
 OPTIMIZERS = {
     "sgd-for-loop": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, foreach=False),

@@ -1,0 +1,379 @@
+"""Inside fastres.frozen, a fastres ResNet's body on a CPU as one compiled plan (oneDNN Graph).
+
+Why. In a vouched frozen call (fastres.models.input_layout) each folded conv + BN (+ add) (+ ReLU) is one
+prepacked oneDNN convolution, and the convolutions themselves are fast: on ResNet-50 at batch 8, 64 px
+(2 CPU cores) their kernels sum to 26.3 ms, less than ONNX Runtime's whole 28.6-29.0 ms. The call took
+31.9 ms: torch's op builds oneDNN's primitive descriptor on every call (~25 us per convolution, before any
+work) and Python runs between the layers (~14 us per layer). ONNX Runtime makes each kernel once. So
+does a plan: the body (stem, max pooling, every block) traced once by TorchScript as a pure function of
+its input with the folded weights as constants, compiled by its oneDNN Graph fuser (each primitive made
+once, each weight reordered once), then called as one function. Measured in one process: ResNet-50 b8 64 px
+26.9 ms (per-layer frozen 32.0, ONNX Runtime 28.6), b1 224 px 37.8 (43.5, 39.3); ResNet-18 b16 64 px
+21.1 (23.5, 23.7), b1 224 px 16.8 (18.6, 18.2) (minimum of alternated rounds; benchmarks/results for
+the model-level rows). The pooled head stays in Python on the live modules (fastres.models.input_layout).
+
+When. A vouched call (every module of a known class, eval, no hooks, gradients off, not traced, CPU fp32
+channels_last input, the torch backend) whose body is exactly what :func:`_walk` knows: the registered
+blocks (fastres's and the converted torchvision classes, with their own forwards), exact nn.Conv2d
+(zero padding, numeric padding) + nn.BatchNorm2d pairs with running statistics and fp32 weights, plain
+nn.ReLU, an exact nn.MaxPool2d, shortcuts that are identities, Sequential(conv, bn) or fastres's zero
+padding; no torch function or dispatch mode (those would not see the plan's ops). A plan is built for a
+(structure, input shape) once calls with it have spent :data:`PLAN_AFTER_SECONDS` on the per-layer path
+(building one costs 0.2-0.7 s on ResNet-50: a serving or evaluation loop repays it, a few calls do not),
+at most :data:`PLANS_KEPT` per model. ``fastres.frozen(model, plan=False)`` never builds one.
+
+Never stale. A plan's constants are its own copies of the fold cache's folded weights and biases. On every
+call the structure is walked again (its steps must equal the plan's: a swapped module, a changed stride
+or padding, a replaced ReLU or pool miss the plan) and every (conv, BN) pair asks the fold cache for its
+entry, which re-validates it by all the cache's rules (fastres/backends/fold_cache.py); the plan runs only
+when each entry is the very one it was built from. Anything else runs the per-layer path, and a plan
+whose entries are gone is released. The oneDNN Graph fuser keeps reordered copies of constant weights
+per compiled graph, so a plan is never updated in place: a changed fold means a new plan.
+
+Memory. TorchScript keeps a traced graph's constant tensors alive after the graph is dropped (measured:
+one weight's bytes per trace), so a released plan frees its constants' storage itself once no call is
+running it; what remains is ~8 MB per build of ResNet-50, and at most :data:`MAX_BUILDS` plans are built
+per process (after that, the per-layer path).
+
+The fuser is switched on (``torch.jit.enable_onednn_fusion``) only around a plan's own first calls, while
+TorchScript compiles it, and restored after; a plan whose compiled graph holds no fused group (a torch
+without the fuser) is dropped and its structure not tried again.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastres.backends.fold_cache import entry as _entry
+from fastres.nn import is_plain_relu
+from fastres.nn_methods import own_method
+
+Tensor = torch.Tensor
+
+__all__ = ["register", "body", "drop", "disable", "enable", "PLAN_AFTER_SECONDS", "PLANS_KEPT", "MAX_BUILDS"]
+
+PLAN_AFTER_SECONDS = 0.25   # per-layer time spent on one (structure, input shape) before a plan is built
+PLANS_KEPT = 4              # plans per model (input shapes), the oldest released first
+MAX_BUILDS = 32             # plans built per process
+_WARM_CALLS = 2             # calls that run with the fuser on: TorchScript profiles, then compiles
+builds = 0
+
+_log = logging.getLogger("fastres")
+_build_lock = threading.Lock()
+_KINDS: Dict[type, Tuple[str, Callable]] = {}   # block / shortcut class -> (kind, its forward when registered)
+_SEQ_FORWARD = own_method(nn.Sequential, "forward")
+_MP_FORWARD = own_method(nn.MaxPool2d, "forward")
+_off: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def register(cls: type, kind: str) -> None:
+    """Declare a block or shortcut class whose forward a plan may stand in for: kind "basic" (conv1/bn1,
+    conv2/bn2, relu, downsample), "bottleneck" (+ conv3/bn3) or "zeropad" (option A: in_channels,
+    out_channels, stride). Its forward as of now is recorded: a forward patched on the class later misses."""
+    _KINDS[cls] = (kind, cls.forward)
+
+
+def disable(model: nn.Module) -> None:
+    """No plan for `model` until a matching :func:`enable` (fastres.frozen(model, plan=False))."""
+    _off[model] = _off.get(model, 0) + 1
+    drop(model)
+
+
+def enable(model: nn.Module) -> None:
+    n = _off.get(model, 0) - 1
+    if n <= 0:
+        _off.pop(model, None)
+    else:
+        _off[model] = n
+
+
+def _fuser_available() -> bool:
+    return (hasattr(torch._C, "_jit_set_llga_enabled") and hasattr(torch._C, "_jit_llga_enabled")
+            and torch.backends.mkldnn.is_available())
+
+
+class _NoPlan(Exception):
+    """The body is not one a plan knows."""
+
+
+class _Walk:
+    """The body as steps (hashable: the plan's key) and the (conv, BN) pairs its convolutions fold.
+    Values are numbered from 0 (the body's input); step i makes value i + 1. A step:
+    ("conv", src, pair, stride, padding, dilation, groups, residual value or -1, relu),
+    ("maxpool", src, kernel_size, stride, padding, dilation, ceil_mode), ("zeropad", src, stride, extra)."""
+
+    def __init__(self) -> None:
+        self.steps: List[tuple] = []
+        self.pairs: List[Tuple[nn.Module, nn.Module]] = []
+
+    def _add(self, step: tuple) -> int:
+        self.steps.append(step)
+        return len(self.steps)
+
+    def conv(self, src: int, conv: nn.Module, bn: nn.Module, relu: bool, res: int = -1) -> int:
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or conv.padding_mode != "zeros" \
+                or isinstance(conv.padding, str) or bn.running_mean is None or bn.running_var is None \
+                or conv.weight.dtype is not torch.float32:
+            raise _NoPlan
+        self.pairs.append((conv, bn))
+        return self._add(("conv", src, len(self.pairs) - 1, tuple(conv.stride), tuple(conv.padding),
+                          tuple(conv.dilation), conv.groups, res, relu))
+
+    def maxpool(self, src: int, mp: nn.Module) -> int:
+        if type(mp) is not nn.MaxPool2d or nn.MaxPool2d.forward is not _MP_FORWARD or _MP_FORWARD is None \
+                or mp.return_indices:
+            raise _NoPlan
+        return self._add(("maxpool", src, mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode))
+
+    def block(self, src: int, blk: nn.Module) -> int:
+        kind = _kind(blk)
+        if kind not in ("basic", "bottleneck") or not is_plain_relu(blk.relu):
+            raise _NoPlan
+        res = -1
+        if getattr(blk, "shortcut", "B") is not None:   # (converted torchvision blocks always add)
+            ds = blk.downsample
+            if ds is None:
+                res = src
+            elif type(ds) is nn.Sequential and len(ds) == 2 and nn.Sequential.forward is _SEQ_FORWARD:
+                res = self.conv(src, ds[0], ds[1], False)
+            elif _kind(ds) == "zeropad":
+                res = self._add(("zeropad", src, ds.stride, ds.out_channels - ds.in_channels))
+            else:
+                raise _NoPlan
+        out = self.conv(src, blk.conv1, blk.bn1, True)
+        if kind == "bottleneck":
+            out = self.conv(out, blk.conv2, blk.bn2, True)
+            return self.conv(out, blk.conv3, blk.bn3, True, res)
+        return self.conv(out, blk.conv2, blk.bn2, True, res)
+
+
+def _kind(m: nn.Module) -> Optional[str]:
+    k = _KINDS.get(type(m))
+    return k[0] if k is not None and type(m).forward is k[1] else None
+
+
+def _walk(model: nn.Module, layers: Tuple[str, ...], maxpool: bool) -> _Walk:
+    w = _Walk()
+    if not is_plain_relu(model.relu):
+        raise _NoPlan
+    v = w.conv(0, model.conv1, model.bn1, True)
+    if maxpool:
+        v = w.maxpool(v, model.maxpool)
+    if nn.Sequential.forward is not _SEQ_FORWARD or _SEQ_FORWARD is None:
+        raise _NoPlan
+    for name in layers:
+        layer = getattr(model, name)
+        if type(layer) is not nn.Sequential:
+            raise _NoPlan
+        for blk in layer._modules.values():
+            v = w.block(v, blk)
+    return w
+
+
+class _Body(nn.Module):
+    """What a plan traces: the steps of a :class:`_Walk` on its constants (folded weight, bias per pair),
+    one op per step, as the per-layer path computes them."""
+
+    def __init__(self, steps: tuple, consts: List[Tensor]) -> None:
+        super().__init__()
+        self.steps, self.consts = steps, consts   # (a plain list: the tracer records them as constants)
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = [x]
+        for step in self.steps:
+            op, src = step[0], v[step[1]]
+            if op == "conv":
+                _, _, i, stride, padding, dilation, groups, res, relu = step
+                y = F.conv2d(src, self.consts[2 * i], self.consts[2 * i + 1], stride, padding, dilation, groups)
+                if res >= 0:
+                    y = y + v[res]
+                if relu:
+                    y = torch.relu(y)
+            elif op == "maxpool":
+                _, _, k, stride, padding, dilation, ceil_mode = step
+                y = F.max_pool2d(src, k, stride, padding, dilation, ceil_mode=ceil_mode)
+            else:   # zeropad
+                _, _, stride, extra = step
+                y = src[:, :, ::stride, ::stride] if stride != 1 else src
+                if extra:
+                    y = F.pad(y, (0, 0, 0, 0, 0, extra))
+            v.append(y)
+        return v[-1]
+
+
+class _Plan:
+    """A traced body and what it was built from: the fold entries (by identity), its constants, and how
+    many calls are running it (its constants are freed only when released and none is)."""
+
+    def __init__(self, fn, entries: list, consts: List[Tensor]) -> None:
+        self.fn, self.entries, self.consts = fn, entries, consts
+        self.calls = 0          # calls made (the first _WARM_CALLS compile it)
+        self.running = 0
+        self.dead = False
+        self.lock = threading.Lock()
+
+    def run(self, x: Tensor) -> Optional[Tensor]:
+        with self.lock:
+            if self.dead:
+                return None
+            self.running += 1
+            self.calls += 1
+            n = self.calls
+        try:
+            if n > _WARM_CALLS:
+                return self.fn(x)
+            with _build_lock:   # the fuser's switch is global: one compiling plan at a time
+                prev = torch._C._jit_llga_enabled()
+                torch._C._jit_set_llga_enabled(True)
+                try:
+                    y = self.fn(x)
+                    fused = "oneDNNFusionGroup" in str(torch._C._last_executed_optimized_graph())
+                finally:
+                    torch._C._jit_set_llga_enabled(prev)
+            if n == _WARM_CALLS and not fused:
+                raise RuntimeError("TorchScript compiled the plan without a oneDNN fusion group")
+            return y
+        finally:
+            with self.lock:
+                self.running -= 1
+                free = self.dead and self.running == 0
+            if free:
+                self._free()
+
+    def release(self) -> None:
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = True
+            free = self.running == 0
+        if free:
+            self._free()
+
+    def _free(self) -> None:
+        for t in self.consts:   # TorchScript keeps a dropped graph's constants: free their bytes
+            t.untyped_storage().resize_(0)
+        self.fn = self.consts = self.entries = None
+
+
+class _ModelPlans:
+    """A model's plans by (steps, input shape), newest last, and the per-layer time spent on each key
+    that has none yet; keys whose plan failed are not tried again."""
+
+    def __init__(self) -> None:
+        self.plans: Dict[tuple, _Plan] = {}
+        self.spent: Dict[tuple, list] = {}
+        self.failed: set = set()
+
+    def release(self, key: tuple) -> None:
+        plan = self.plans.pop(key, None)
+        if plan is not None:
+            plan.release()
+
+    def release_all(self) -> None:
+        for key in list(self.plans):
+            self.release(key)
+
+    def __del__(self) -> None:
+        try:
+            self.release_all()
+        except Exception:   # (interpreter shutdown)
+            pass
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlans]" = weakref.WeakKeyDictionary()
+
+
+def drop(model: nn.Module) -> None:
+    """Release every plan of `model` (fastres.frozen's exit: nothing outlives the context)."""
+    mp = _PLANS.pop(model, None)
+    if mp is not None:
+        mp.release_all()
+
+
+def _build(mp: _ModelPlans, key: tuple, steps: tuple, entries: list, x: Tensor) -> Optional[Tensor]:
+    """Trace a plan for `key` on this call's input; the trace's own result is this call's body output."""
+    global builds
+    consts = [t.clone() for e in entries for t in (e[1], e[2])]
+    with _build_lock:
+        if key in mp.plans:   # (another thread built it meanwhile)
+            fn = None
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # (TorchScript's deprecation notice: the plan is internal)
+                    fn = torch.jit.trace(_Body(steps, consts), x, check_trace=False,
+                                         _compilation_unit=torch._C.CompilationUnit(), _store_inputs=False)
+            except Exception as e:   # a body TorchScript cannot trace: the per-layer path, not tried again
+                _log.debug("fastres: no frozen plan (%s)", e)
+                mp.failed.add(key)
+                fn = None
+            if fn is not None:
+                builds += 1
+                while len(mp.plans) >= PLANS_KEPT:
+                    mp.release(next(iter(mp.plans)))
+                plan = mp.plans[key] = _Plan(fn, entries, consts)
+    if fn is None:
+        for t in consts:
+            t.untyped_storage().resize_(0)
+        return None
+    return plan.run(x)   # (the first of the calls that compile it)
+
+
+def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
+         per_layer: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    """The body of a vouched frozen call of `model` on `x` (channels_last fp32 CPU): through its plan when
+    one is valid (module docstring), else ``per_layer(model, x)``, timed toward building one."""
+    if model in _off or not _fuser_available() or torch._C._is_torch_function_mode_enabled() \
+            or torch._C._len_torch_dispatch_stack() or x.numel() == 0:
+        return per_layer(model, x)
+    try:
+        w = _walk(model, layers, maxpool)
+    except (_NoPlan, AttributeError):
+        return per_layer(model, x)
+    key = (tuple(w.steps), tuple(x.shape))
+    mp = _PLANS.get(model)
+    if mp is None:
+        mp = _PLANS[model] = _ModelPlans()
+    if key in mp.failed:
+        return per_layer(model, x)
+    entries = [_entry(conv, bn, bn.eps) for conv, bn in w.pairs]
+    plan = mp.plans.get(key)
+    if plan is not None:
+        if all(e is p for e, p in zip(entries, plan.entries)):
+            try:
+                y = plan.run(x.detach())
+            except Exception as e:   # the per-layer path answers; this structure is not tried again
+                _log.debug("fastres: frozen plan failed (%s); per-layer path", e)
+                mp.failed.add(key)
+                mp.release(key)
+                y = None
+            if y is not None:
+                return y
+        mp.release(key)   # a fold it was built from is gone (or the plan failed)
+        mp.spent.pop(key, None)
+    spent = mp.spent.setdefault(key, [0, 0.0])
+    if spent[0] >= 2 and spent[1] >= PLAN_AFTER_SECONDS and builds < MAX_BUILDS \
+            and all(e is not None and e[1].dtype is torch.float32 for e in entries):
+        del mp.spent[key]
+        try:
+            y = _build(mp, key, tuple(w.steps), entries, x.detach())
+        except Exception as e:   # (its first call failed: as above)
+            _log.debug("fastres: frozen plan failed (%s); per-layer path", e)
+            mp.failed.add(key)
+            mp.release(key)
+            y = None
+        if y is not None:
+            return y
+    t = time.perf_counter()
+    y = per_layer(model, x)
+    spent[0] += 1
+    spent[1] += time.perf_counter() - t
+    return y
