@@ -9,6 +9,8 @@ twin fastres.parity.CifarReference.
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from typing import Optional
 
 import torch
@@ -93,10 +95,24 @@ class Step:
             import fastres
 
             self.frozen = fastres.frozen(self.module).__enter__()
+            self._settle_plan()
         if provider == FREEZING:
             self.call = FreezingCall(self.module, self.x)
         if is_graphed(provider):
             self.call = self._graphed()
+
+    def _settle_plan(self, limit_s: float = 10.0) -> None:
+        """Calls until the frozen model runs its compiled plan (fastres.models.plan), as a serving loop soon
+        does (at most `limit_s`; a model without one times its per-layer path): the rows time that state,
+        as compile rows time compiled code. What it took goes to the log, not into a row."""
+        from fastres.models import plan
+
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < limit_s and not plan.live(self.module):
+            self()
+        logging.getLogger("fastres.bench").info("%s: frozen plan %s after %.2f s", self.provider,
+                                                "live" if plan.live(self.module) else "not built",
+                                                time.perf_counter() - t0)
 
     def _graphed(self):
         """The training step captured once (warm-up and capture inside the provider's backend), replayed."""

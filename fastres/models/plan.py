@@ -58,7 +58,7 @@ from fastres.nn_methods import own_method
 
 Tensor = torch.Tensor
 
-__all__ = ["register", "body", "drop", "disable", "enable", "PLAN_AFTER_SECONDS", "PLANS_KEPT", "MAX_BUILDS"]
+__all__ = ["register", "body", "live", "drop", "disable", "enable", "PLAN_AFTER_SECONDS", "PLANS_KEPT", "MAX_BUILDS"]
 
 PLAN_AFTER_SECONDS = 0.25   # per-layer time spent on one (structure, input shape) before a plan is built
 PLANS_KEPT = 4              # plans per model (input shapes), the oldest released first
@@ -120,8 +120,8 @@ class _Walk:
 
     def conv(self, src: int, conv: nn.Module, bn: nn.Module, relu: bool, res: int = -1) -> int:
         if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or conv.padding_mode != "zeros" \
-                or isinstance(conv.padding, str) or bn.running_mean is None or bn.running_var is None \
-                or conv.weight.dtype is not torch.float32:
+                or isinstance(conv.padding, str) or bn._buffers.get("running_mean") is None \
+                or bn._buffers.get("running_var") is None or conv._parameters["weight"].dtype is not torch.float32:
             raise _NoPlan
         self.pairs.append((conv, bn))
         return self._add(("conv", src, len(self.pairs) - 1, tuple(conv.stride), tuple(conv.padding),
@@ -135,11 +135,12 @@ class _Walk:
 
     def block(self, src: int, blk: nn.Module) -> int:
         kind = _kind(blk)
-        if kind not in ("basic", "bottleneck") or not is_plain_relu(blk.relu):
+        mods = blk._modules   # (submodules read from the table: nn.Module.__getattr__ is the slow way)
+        if kind not in ("basic", "bottleneck") or not is_plain_relu(mods.get("relu")):
             raise _NoPlan
         res = -1
         if getattr(blk, "shortcut", "B") is not None:   # (converted torchvision blocks always add)
-            ds = blk.downsample
+            ds = mods.get("downsample", blk.__dict__.get("downsample"))
             if ds is None:
                 res = src
             elif type(ds) is nn.Sequential and len(ds) == 2 and nn.Sequential.forward is _SEQ_FORWARD:
@@ -148,11 +149,11 @@ class _Walk:
                 res = self._add(("zeropad", src, ds.stride, ds.out_channels - ds.in_channels))
             else:
                 raise _NoPlan
-        out = self.conv(src, blk.conv1, blk.bn1, True)
+        out = self.conv(src, mods["conv1"], mods["bn1"], True)
         if kind == "bottleneck":
-            out = self.conv(out, blk.conv2, blk.bn2, True)
-            return self.conv(out, blk.conv3, blk.bn3, True, res)
-        return self.conv(out, blk.conv2, blk.bn2, True, res)
+            out = self.conv(out, mods["conv2"], mods["bn2"], True)
+            return self.conv(out, mods["conv3"], mods["bn3"], True, res)
+        return self.conv(out, mods["conv2"], mods["bn2"], True, res)
 
 
 def _kind(m: nn.Module) -> Optional[str]:
@@ -291,6 +292,12 @@ class _ModelPlans:
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlans]" = weakref.WeakKeyDictionary()
 
 
+def live(model: nn.Module) -> bool:
+    """Whether a plan of `model` has been compiled (it ran past its compiling calls)."""
+    mp = _PLANS.get(model)
+    return mp is not None and any(p.calls > _WARM_CALLS for p in list(mp.plans.values()))
+
+
 def drop(model: nn.Module) -> None:
     """Release every plan of `model` (fastres.frozen's exit: nothing outlives the context)."""
     mp = _PLANS.pop(model, None)
@@ -336,7 +343,7 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
         return per_layer(model, x)
     try:
         w = _walk(model, layers, maxpool)
-    except (_NoPlan, AttributeError):
+    except (_NoPlan, AttributeError, KeyError):
         return per_layer(model, x)
     key = (tuple(w.steps), tuple(x.shape))
     mp = _PLANS.get(model)
