@@ -108,7 +108,7 @@ class Step:
         from fastres.models import plan
 
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < limit_s and not plan.live(self.module):
+        while time.perf_counter() - t0 < limit_s and not plan.live(self.module) and plan.builds < plan.MAX_BUILDS:
             self()
         logging.getLogger("fastres.bench").info("%s: frozen plan %s after %.2f s", self.provider,
                                                 "live" if plan.live(self.module) else "not built",
