@@ -106,18 +106,28 @@ def global_hooks() -> bool:
                 or _hooks._global_backward_pre_hooks)
 
 
+def _own_code(m: nn.Module) -> bool:
+    """Whether `m` carries a forward (or a conv's _conv_forward) set on the instance: the user's code,
+    which calling the module runs and a fused op would skip."""
+    d = m.__dict__
+    return "forward" in d or "_conv_forward" in d
+
+
 def module_hooked(m: nn.Module) -> bool:
-    """Whether `m` itself has a forward, forward-pre, backward or backward-pre hook."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+    """Whether `m` itself has a forward, forward-pre, backward or backward-pre hook, or a forward set on
+    the instance (either runs code a fused op would skip)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _own_code(m))
 
 
 def hooked(*mods: nn.Module) -> bool:
-    """Whether calling these modules would run a hook (theirs, or a global module hook), so that a
-    fused forward, which does not call them, would skip it. A few dict lookups: free when no hook exists."""
+    """Whether calling these modules would run a hook (theirs, or a global module hook) or a forward set
+    on the instance, so that a fused forward, which does not call them, would skip it. A few dict
+    lookups: free when there is none."""
     if global_hooks():
         return True
     for m in mods:   # (module_hooked, inlined: no generator on the per-call path)
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or _own_code(m):
             return True
     return False
 
@@ -135,7 +145,7 @@ def _subtree_hooked(m: nn.Module) -> bool:
     tables, as Module.modules() would walk them, without its generators (it runs on every block call)."""
     for c in m._modules.values():
         if c is not None and (c._forward_hooks or c._forward_pre_hooks or c._backward_hooks
-                              or c._backward_pre_hooks or (c._modules and _subtree_hooked(c))):
+                              or c._backward_pre_hooks or _own_code(c) or (c._modules and _subtree_hooked(c))):
             return True
     return False
 
@@ -246,7 +256,8 @@ def _pair_hooked(conv: nn.Module, bn: nn.Module) -> bool:
     return bool(h._global_forward_hooks or h._global_forward_pre_hooks or h._global_backward_hooks
                 or h._global_backward_pre_hooks
                 or conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
-                or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks)
+                or bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks
+                or _own_code(conv) or _own_code(bn))
 
 
 def _bn_rules(bn: nn.Module, tracked: Optional[Tensor], running_mean: Optional[Tensor],

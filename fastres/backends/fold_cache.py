@@ -15,7 +15,9 @@ the live tensors on every call. Inside the context a fold is remade when
   a new weight can never be handed the same address (without the alias, ``p.data = a; p.data = b`` between
   two calls could put `b` where the folded weight was, and the fold looked valid);
 - :data:`generation` moved: on every torch.optim Optimizer step (a global step hook: fused, foreach and
-  for-loop optimizers alike, which may leave the version counter alone) and on frozen.refresh().
+  for-loop optimizers alike, which may leave the version counter alone) and on frozen.refresh();
+- a frozen() context holding its BatchNorm is entered or left (those modules' folds only: a context in
+  one model, or thread, does not remake another model's folds).
 
 A context covers the thread that entered it, as torch.no_grad does: another thread calling the same model
 outside any context of its own runs the default path on the live tensors (the cached entries themselves
@@ -91,7 +93,7 @@ def freeze(bns) -> None:
             _FROZEN[bn] = [1, None]
         else:
             slot[0] += 1
-    _bump()
+            slot[1] = None   # a context's first use of a fold makes it anew (other modules' folds stay)
 
 
 def thaw(bns) -> None:
@@ -109,7 +111,8 @@ def thaw(bns) -> None:
             slot[0] -= 1
             if slot[0] <= 0:
                 del _FROZEN[bn]
-    _bump()
+            else:
+                slot[1] = None
 
 
 def refresh() -> None:

@@ -23,7 +23,8 @@ runs on the input as given, as torchvision would:
 * not traced or transformed: not torch.compile / torch.export, torch.jit.trace, torch.fx, torch.func;
 * the model's stem BatchNorm (bn1) inside an active fastres.frozen context;
 * every submodule of a type whose code fastres knows (:func:`allow`: the fused blocks, nn.Conv2d,
-  nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...), none with a forward replaced on the instance, torch's own
+  nn.BatchNorm2d, nn.ReLU, pools, nn.Linear ...), none with a forward (or a conv's _conv_forward) replaced
+  on the instance, torch's own
   forwards on nn.Conv2d, nn.BatchNorm2d, nn.ReLU and nn.Linear (fastres.nn.nn_methods_unpatched), and no
   module hook anywhere: a hook or a user's own code (a swapped head, a replaced activation, a patched
   forward) sees exactly the tensors torchvision would give it;
@@ -93,7 +94,8 @@ def _modules_ok(model: nn.Module) -> bool:
     stack = [model]
     while stack:
         m = stack.pop()
-        if (m is not model and (type(m) not in allowed or m.training or "forward" in m.__dict__)) \
+        if (m is not model and (type(m) not in allowed or m.training or "forward" in m.__dict__
+                                or "_conv_forward" in m.__dict__)) \
                 or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return False
         for c in m._modules.values():

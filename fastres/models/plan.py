@@ -13,14 +13,14 @@ once, each weight reordered once), then called as one function. Measured in one 
 the model-level rows). The pooled head stays in Python on the live modules (fastres.models.input_layout).
 
 When. A vouched call (every module of a known class, eval, no hooks, gradients off, not traced, CPU fp32
-channels_last input, the torch backend) whose body is exactly what :func:`_walk` knows: the registered
-blocks (fastres's and the converted torchvision classes, with their own forwards), exact nn.Conv2d
-(zero padding, numeric padding) + nn.BatchNorm2d pairs with running statistics and fp32 weights, plain
-nn.ReLU, an exact nn.MaxPool2d, shortcuts that are identities, Sequential(conv, bn) or fastres's zero
-padding; no torch function or dispatch mode (those would not see the plan's ops). A plan is built for a
-(structure, input shape) once calls with it have spent :data:`PLAN_AFTER_SECONDS` on the per-layer path
-(building one costs 0.2-0.7 s on ResNet-50: a serving or evaluation loop repays it, a few calls do not),
-at most :data:`PLANS_KEPT` per model. ``fastres.frozen(model, plan=False)`` never builds one.
+channels_last input, the torch backend) whose body is exactly what fastres.models.plan_walk knows (its
+docstring), with torch's own conv2d / max_pool2d / relu / batch_norm / pad and module-call machinery (a
+wrapper there is the user's code, which the per-layer path runs), oneDNN on (torch.backends.mkldnn and
+fastres.backends.torch.onednn_enabled), and no torch function or dispatch mode (those would not see the
+plan's ops). A plan is built for a (structure, input shape) once calls with it have spent
+:data:`PLAN_AFTER_SECONDS` on the per-layer path (building one costs 0.2-0.7 s on ResNet-50: a serving or
+evaluation loop repays it, a few calls do not), at most :data:`PLANS_KEPT` per model.
+``fastres.frozen(model, plan=False)`` never builds one.
 
 Never stale. A plan's constants are its own copies of the fold cache's folded weights and biases. On every
 call the structure is walked again (its steps must equal the plan's: a swapped module, a changed stride
@@ -32,9 +32,10 @@ per compiled graph, so a plan is never updated in place: a changed fold means a 
 
 Memory. TorchScript keeps a traced graph's constant tensors alive after the graph is dropped (measured:
 one weight's bytes per trace), so a released plan frees its constants' storage itself once no call is
-running it. What TorchScript and the fuser still keep is ~4.5 MB per build (ResNet-20, ResNet-18) to
-~8.7 MB (ResNet-50), measured with mallinfo over 10 builds; so at most :data:`MAX_BUILDS` plans are built
-per process (after that, the per-layer path).
+running it, and asks glibc to return the freed pages (:func:`_trim`). What TorchScript and the fuser
+still keep is ~4.5 MB per build (ResNet-20, ResNet-18) to ~8.7 MB (ResNet-50), measured with mallinfo
+over 10 builds; so at most :data:`MAX_BUILDS` plans are built per process (after that, the per-layer
+path).
 
 The fuser is switched on (``torch.jit.enable_onednn_fusion``) only around a plan's own first calls, while
 TorchScript compiles it, and restored after; a plan whose compiled graph holds no fused group (a torch
@@ -42,6 +43,7 @@ without the fuser) is dropped and its structure not tried again.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -51,11 +53,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from fastres.backends import torch as aten_backend
 from fastres.backends.fold_cache import entry as _entry
-from fastres.nn import is_plain_relu
-from fastres.nn_methods import own_method
+from fastres.models.plan_walk import Body, NoPlan, register, torch_own, walk
 
 Tensor = torch.Tensor
 
@@ -69,17 +70,7 @@ builds = 0
 
 _log = logging.getLogger("fastres")
 _build_lock = threading.Lock()
-_KINDS: Dict[type, Tuple[str, Callable]] = {}   # block / shortcut class -> (kind, its forward when registered)
-_SEQ_FORWARD = own_method(nn.Sequential, "forward")
-_MP_FORWARD = own_method(nn.MaxPool2d, "forward")
 _off: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
-
-
-def register(cls: type, kind: str) -> None:
-    """Declare a block or shortcut class whose forward a plan may stand in for: kind "basic" (conv1/bn1,
-    conv2/bn2, relu, downsample), "bottleneck" (+ conv3/bn3) or "zeropad" (option A: in_channels,
-    out_channels, stride). Its forward as of now is recorded: a forward patched on the class later misses."""
-    _KINDS[cls] = (kind, cls.forward)
 
 
 def disable(model: nn.Module) -> None:
@@ -99,116 +90,6 @@ def enable(model: nn.Module) -> None:
 def _fuser_available() -> bool:
     return (hasattr(torch._C, "_jit_set_llga_enabled") and hasattr(torch._C, "_jit_llga_enabled")
             and torch.backends.mkldnn.is_available())
-
-
-class _NoPlan(Exception):
-    """The body is not one a plan knows."""
-
-
-class _Walk:
-    """The body as steps (hashable: the plan's key) and the (conv, BN) pairs its convolutions fold.
-    Values are numbered from 0 (the body's input); step i makes value i + 1. A step:
-    ("conv", src, pair, stride, padding, dilation, groups, residual value or -1, relu),
-    ("maxpool", src, kernel_size, stride, padding, dilation, ceil_mode), ("zeropad", src, stride, extra)."""
-
-    def __init__(self) -> None:
-        self.steps: List[tuple] = []
-        self.pairs: List[Tuple[nn.Module, nn.Module]] = []
-
-    def _add(self, step: tuple) -> int:
-        self.steps.append(step)
-        return len(self.steps)
-
-    def conv(self, src: int, conv: nn.Module, bn: nn.Module, relu: bool, res: int = -1) -> int:
-        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or conv.padding_mode != "zeros" \
-                or isinstance(conv.padding, str) or bn._buffers.get("running_mean") is None \
-                or bn._buffers.get("running_var") is None or conv._parameters["weight"].dtype is not torch.float32:
-            raise _NoPlan
-        self.pairs.append((conv, bn))
-        return self._add(("conv", src, len(self.pairs) - 1, tuple(conv.stride), tuple(conv.padding),
-                          tuple(conv.dilation), conv.groups, res, relu))
-
-    def maxpool(self, src: int, mp: nn.Module) -> int:
-        if type(mp) is not nn.MaxPool2d or nn.MaxPool2d.forward is not _MP_FORWARD or _MP_FORWARD is None \
-                or mp.return_indices:
-            raise _NoPlan
-        return self._add(("maxpool", src, mp.kernel_size, mp.stride, mp.padding, mp.dilation, mp.ceil_mode))
-
-    def block(self, src: int, blk: nn.Module) -> int:
-        kind = _kind(blk)
-        mods = blk._modules   # (submodules read from the table: nn.Module.__getattr__ is the slow way)
-        if kind not in ("basic", "bottleneck") or not is_plain_relu(mods.get("relu")):
-            raise _NoPlan
-        res = -1
-        if getattr(blk, "shortcut", "B") is not None:   # (converted torchvision blocks always add)
-            ds = mods.get("downsample", blk.__dict__.get("downsample"))
-            if ds is None:
-                res = src
-            elif type(ds) is nn.Sequential and len(ds) == 2 and nn.Sequential.forward is _SEQ_FORWARD:
-                res = self.conv(src, ds[0], ds[1], False)
-            elif _kind(ds) == "zeropad":
-                res = self._add(("zeropad", src, ds.stride, ds.out_channels - ds.in_channels))
-            else:
-                raise _NoPlan
-        out = self.conv(src, mods["conv1"], mods["bn1"], True)
-        if kind == "bottleneck":
-            out = self.conv(out, mods["conv2"], mods["bn2"], True)
-            return self.conv(out, mods["conv3"], mods["bn3"], True, res)
-        return self.conv(out, mods["conv2"], mods["bn2"], True, res)
-
-
-def _kind(m: nn.Module) -> Optional[str]:
-    k = _KINDS.get(type(m))
-    return k[0] if k is not None and type(m).forward is k[1] else None
-
-
-def _walk(model: nn.Module, layers: Tuple[str, ...], maxpool: bool) -> _Walk:
-    w = _Walk()
-    if not is_plain_relu(model.relu):
-        raise _NoPlan
-    v = w.conv(0, model.conv1, model.bn1, True)
-    if maxpool:
-        v = w.maxpool(v, model.maxpool)
-    if nn.Sequential.forward is not _SEQ_FORWARD or _SEQ_FORWARD is None:
-        raise _NoPlan
-    for name in layers:
-        layer = getattr(model, name)
-        if type(layer) is not nn.Sequential:
-            raise _NoPlan
-        for blk in layer._modules.values():
-            v = w.block(v, blk)
-    return w
-
-
-class _Body(nn.Module):
-    """What a plan traces: the steps of a :class:`_Walk` on its constants (folded weight, bias per pair),
-    one op per step, as the per-layer path computes them."""
-
-    def __init__(self, steps: tuple, consts: List[Tensor]) -> None:
-        super().__init__()
-        self.steps, self.consts = steps, consts   # (a plain list: the tracer records them as constants)
-
-    def forward(self, x: Tensor) -> Tensor:
-        v = [x]
-        for step in self.steps:
-            op, src = step[0], v[step[1]]
-            if op == "conv":
-                _, _, i, stride, padding, dilation, groups, res, relu = step
-                y = F.conv2d(src, self.consts[2 * i], self.consts[2 * i + 1], stride, padding, dilation, groups)
-                if res >= 0:
-                    y = y + v[res]
-                if relu:
-                    y = torch.relu(y)
-            elif op == "maxpool":
-                _, _, k, stride, padding, dilation, ceil_mode = step
-                y = F.max_pool2d(src, k, stride, padding, dilation, ceil_mode=ceil_mode)
-            else:   # zeropad
-                _, _, stride, extra = step
-                y = src[:, :, ::stride, ::stride] if stride != 1 else src
-                if extra:
-                    y = F.pad(y, (0, 0, 0, 0, 0, extra))
-            v.append(y)
-        return v[-1]
 
 
 class _Plan:
@@ -250,6 +131,11 @@ class _Plan:
             if free:
                 self._free()
 
+    def built_from(self, entries: list) -> bool:
+        """Whether the plan is alive and every fold entry is the very one it was built from."""
+        with self.lock:
+            return not self.dead and all(e is p for e, p in zip(entries, self.entries))
+
     def release(self) -> None:
         with self.lock:
             if self.dead:
@@ -262,7 +148,25 @@ class _Plan:
     def _free(self) -> None:
         for t in self.consts:   # TorchScript keeps a dropped graph's constants: free their bytes
             t.untyped_storage().resize_(0)
-        self.fn = self.consts = self.entries = None
+        self.fn = self.consts = None
+        _trim()
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim; elsewhere nothing): a released
+    plan's constants are a model's weights, freed between allocations that stay, and glibc keeps such
+    holes (measured: RSS +51 MB per ResNet-18 rebuild without this, +4.5 MB in use)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class _ModelPlans:
@@ -296,7 +200,7 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, _ModelPlans]" = weakref.WeakKeyDic
 def live(model: nn.Module) -> bool:
     """Whether a plan of `model` has been compiled (it ran past its compiling calls)."""
     mp = _PLANS.get(model)
-    return mp is not None and any(p.calls > _WARM_CALLS for p in list(mp.plans.values()))
+    return mp is not None and any(p.calls > _WARM_CALLS and not p.dead for p in list(mp.plans.values()))
 
 
 def drop(model: nn.Module) -> None:
@@ -317,7 +221,7 @@ def _build(mp: _ModelPlans, key: tuple, steps: tuple, entries: list, x: Tensor) 
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")   # (TorchScript's deprecation notice: the plan is internal)
-                    fn = torch.jit.trace(_Body(steps, consts), x, check_trace=False,
+                    fn = torch.jit.trace(Body(steps, consts), x, check_trace=False,
                                          _compilation_unit=torch._C.CompilationUnit(), _store_inputs=False)
             except Exception as e:   # a body TorchScript cannot trace: the per-layer path, not tried again
                 _log.debug("fastres: no frozen plan (%s)", e)
@@ -339,14 +243,16 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
          per_layer: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
     """The body of a vouched frozen call of `model` on `x` (channels_last fp32 CPU): through its plan when
     one is valid (module docstring), else ``per_layer(model, x)``, timed toward building one."""
-    if model in _off or not _fuser_available() or torch._C._is_torch_function_mode_enabled() \
-            or torch._C._len_torch_dispatch_stack() or x.numel() == 0:
+    if model in _off or not _fuser_available() or aten_backend.onednn_enabled is False \
+            or not torch.backends.mkldnn.enabled or torch._C._is_torch_function_mode_enabled() \
+            or torch._C._len_torch_dispatch_stack() or x.numel() == 0 or not torch_own():
         return per_layer(model, x)
     try:
-        w = _walk(model, layers, maxpool)
-    except (_NoPlan, AttributeError, KeyError):
+        w = walk(model, layers, maxpool)
+        key = (tuple(w.steps), tuple(x.shape))
+        hash(key)
+    except (NoPlan, AttributeError, KeyError, TypeError):
         return per_layer(model, x)
-    key = (tuple(w.steps), tuple(x.shape))
     mp = _PLANS.get(model)
     if mp is None:
         mp = _PLANS[model] = _ModelPlans()
@@ -355,7 +261,7 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
     entries = [_entry(conv, bn, bn.eps) for conv, bn in w.pairs]
     plan = mp.plans.get(key)
     if plan is not None:
-        if all(e is p for e, p in zip(entries, plan.entries)):
+        if plan.built_from(entries):
             try:
                 y = plan.run(x.detach())
             except Exception as e:   # the per-layer path answers; this structure is not tried again
@@ -370,7 +276,7 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
     spent = mp.spent.setdefault(key, [0, 0.0])
     if spent[0] >= 2 and spent[1] >= PLAN_AFTER_SECONDS and builds < MAX_BUILDS \
             and all(e is not None and e[1].dtype is torch.float32 for e in entries):
-        del mp.spent[key]
+        mp.spent.pop(key, None)
         try:
             y = _build(mp, key, tuple(w.steps), entries, x.detach())
         except Exception as e:   # (its first call failed: as above)

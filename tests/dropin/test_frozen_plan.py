@@ -257,3 +257,84 @@ def test_threads_each_in_their_own_context():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def _wrap(owner, name, how):
+    orig = getattr(owner, name)
+    return lambda *a, **k: how(orig(*a, **k))
+
+
+@pytest.mark.parametrize("target", ["F.max_pool2d", "F.relu", "torch.relu", "F.conv2d", "Module.__call__"])
+@pytest.mark.parametrize("when", ["after the plan is live", "while it would be built"])
+def test_a_wrapped_torch_function_or_module_call_is_never_skipped(target, when, runs, monkeypatch):
+    """The plan's trace binds its functions at import, and a call with a torch function (or the module
+    call machinery) replaced runs the per-layer path, which runs the wrapper as torchvision does. (Found by
+    a user-style probe: the trace had recorded whatever the names held at build time.)"""
+    owner, name = {"F.max_pool2d": (nn.functional, "max_pool2d"), "F.relu": (nn.functional, "relu"),
+                   "torch.relu": (torch, "relu"), "F.conv2d": (nn.functional, "conv2d"),
+                   "Module.__call__": (nn.Module, "__call__")}[target]
+    model = make("basic").eval()
+    x = batch(3)
+    wrapped = _wrap(owner, name, lambda t: t * 1.01 + 0.01 if isinstance(t, torch.Tensor) else t)
+    with fastres.frozen(model):
+        if when == "after the plan is live":
+            _calls(model, x)
+            assert runs["plan"] == 3
+        with monkeypatch.context() as mp:
+            mp.setattr(owner, name, wrapped)
+            before = runs["plan"]
+            _calls(model, x, 4)
+            assert runs["plan"] == before   # (whatever the per-layer path makes of the wrapper: no plan)
+        for i in range(4):   # unwrapped again: no plan traced under the wrapper may run
+            check_eval(model, "basic", x, what=f"call {i} after {target} was wrapped {when}")
+
+
+def test_pool_arguments_as_lists(runs):
+    model = make("basic").eval()
+    model.maxpool.kernel_size, model.maxpool.stride, model.maxpool.padding = [3, 3], [2, 2], [1, 1]
+    with fastres.frozen(model):
+        _calls(model, batch(4))
+        assert runs["plan"] == 3
+        check_eval(model, "basic", batch(4))
+
+
+def test_a_plan_released_under_a_running_call_is_not_used(runs):
+    """Another thread may release a plan (its context's exit, an eviction) between this call's lookup and
+    its check: a released plan reads as not built from anything, and the per-layer path answers."""
+    model = make("basic").eval()
+    x = batch(5)
+    with fastres.frozen(model):
+        _calls(model, x)
+        (p,) = plan._PLANS[model].plans.values()
+        p.release()   # (still in the table, as if released by another thread mid-call)
+        assert not p.built_from([None])
+        n = runs["plan"]
+        check_eval(model, "basic", x, what="after its plan was released")
+        assert runs["plan"] == n
+
+
+def test_another_models_context_leaves_this_models_plan_alone(runs):
+    model, other = make("basic").eval(), make("bottleneck").eval()
+    x = batch(6)
+    with fastres.frozen(model):
+        _calls(model, x)
+        builds = plan.builds
+        for _ in range(3):   # per-request contexts of another model, as a server might open them
+            with fastres.frozen(other):
+                _calls(other, x, 1)
+        n = runs["plan"]
+        _calls(model, x, 2)
+        assert runs["plan"] == n + 2 and plan.builds == builds
+
+
+def test_the_onednn_switches_turn_plans_off(runs, monkeypatch):
+    from fastres.backends import torch as aten_backend
+    model = make("basic").eval()
+    x = batch(7)
+    with fastres.frozen(model):
+        _calls(model, x)
+        monkeypatch.setattr(aten_backend, "onednn_enabled", False)
+        n = runs["plan"]
+        _calls(model, x, 3)
+        assert runs["plan"] == n
+        check_eval(model, "basic", x)
