@@ -239,6 +239,18 @@ def _build(mp: _ModelPlans, key: tuple, steps: tuple, entries: list, x: Tensor) 
     return plan.run(x)   # (the first of the calls that compile it)
 
 
+def _guarded(mp: _ModelPlans, key: tuple, fn: Callable, *args) -> Optional[Tensor]:
+    """fn(*args) (a plan's call or build), or None when it fails: the per-layer path answers and this
+    (structure, shape) is not tried again."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        _log.debug("fastres: frozen plan failed (%s); per-layer path", e)
+        mp.failed.add(key)
+        mp.release(key)
+        return None
+
+
 def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
          per_layer: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
     """The body of a vouched frozen call of `model` on `x` (channels_last fp32 CPU): through its plan when
@@ -262,13 +274,7 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
     plan = mp.plans.get(key)
     if plan is not None:
         if plan.built_from(entries):
-            try:
-                y = plan.run(x.detach())
-            except Exception as e:   # the per-layer path answers; this structure is not tried again
-                _log.debug("fastres: frozen plan failed (%s); per-layer path", e)
-                mp.failed.add(key)
-                mp.release(key)
-                y = None
+            y = _guarded(mp, key, plan.run, x.detach())
             if y is not None:
                 return y
         mp.release(key)   # a fold it was built from is gone (or the plan failed)
@@ -277,13 +283,7 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
     if spent[0] >= 2 and spent[1] >= PLAN_AFTER_SECONDS and builds < MAX_BUILDS \
             and all(e is not None and e[1].dtype is torch.float32 for e in entries):
         mp.spent.pop(key, None)
-        try:
-            y = _build(mp, key, tuple(w.steps), entries, x.detach())
-        except Exception as e:   # (its first call failed: as above)
-            _log.debug("fastres: frozen plan failed (%s); per-layer path", e)
-            mp.failed.add(key)
-            mp.release(key)
-            y = None
+        y = _guarded(mp, key, _build, mp, key, tuple(w.steps), entries, x.detach())
         if y is not None:
             return y
     t = time.perf_counter()
