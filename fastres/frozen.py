@@ -13,7 +13,9 @@ checks the model made once for all of them (each fold is still validated on ever
 below) and its nn.Linear head runs oneDNN's matmul on the live weight. Once calls with one input shape
 have spent a quarter of a second there, the model's body (stem, pooling, blocks) is traced once into a
 plan that oneDNN Graph compiles (fastres/models/plan.py: each primitive made once, ~0.2-0.7 s to build on
-ResNet-50); a call runs the plan only while its structure and every fold are the ones it was built from.
+ResNet-50); a call runs the plan only while its structure and every fold are the ones it was built from
+(checked on every call: most calls by a guard that proves nothing the last full check read has changed
+since, fastres/models/plan_guard.py).
 ``fastres.frozen(model, plan=False)`` keeps the per-layer path.
 
 The contract: inside the context a fold is remade on its next use after
@@ -36,8 +38,9 @@ was set to share memory with (``p.data = v[...]``, as torch.nn.utils.vector_to_p
 an edit of ``v``), shared memory written by another process. The context covers the thread that entered
 it, as torch.no_grad does: another thread calling the model outside a context of its own runs the
 default path on the live tensors. On exit every fold of `model` is dropped; nothing outlives the
-context (plans included). Calls that need gradients of the weights (autograd on, parameters requiring grad),
-torch.compile, export and tracing take the default path inside the context too. Under forward-mode AD
+context (the plans of `model` and of every model in it included). Calls that need gradients of the
+weights (autograd on, parameters requiring grad), torch.compile, export and tracing take the default path
+inside the context too. Under forward-mode AD
 the fold runs through aten's convolution, not the prepacked oneDNN one (which has no tangent formula).
 """
 from __future__ import annotations

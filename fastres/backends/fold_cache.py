@@ -36,7 +36,7 @@ from fastres.backends.common import pair_tensors
 
 Tensor = torch.Tensor
 
-__all__ = ["fold", "freeze", "thaw", "refresh", "frozen_active", "entry"]
+__all__ = ["fold", "freeze", "thaw", "refresh", "frozen_active", "entry", "slot", "state"]
 
 
 def fold(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -125,9 +125,19 @@ def frozen_active(bn: torch.nn.Module) -> bool:
     return bool(_FROZEN) and bn in _held.bns
 
 
-def _state(t: Tensor):
+def state(t: Tensor):
+    """What a conv weight's entry is keyed by: object, storage address, version counter, dtype, device,
+    shape and strides."""
     version = None if t.is_inference() else t._version   # inference tensors carry no version counter
     return (id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape), t.stride())
+
+
+
+def slot(bn: torch.nn.Module) -> Optional[list]:
+    """`bn`'s cache slot, [number of active contexts holding it, entry or None], or None when no context
+    holds it. A slot is one list for as long as any context holds its module (freeze and thaw update it
+    in place; when its count reaches 0 it is dropped, and a later freeze makes a new one)."""
+    return _FROZEN.get(bn)
 
 
 def _same_values(snapshot, tensors) -> bool:
@@ -152,7 +162,7 @@ def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[li
     from]. The packs are replaced as one new tuple, so a thread never reads a weight packed for another
     shape than the one stored beside it. The small tensors enter the key by dtype and device only (their
     values are compared on every call: torch.equal ignores dtype); the conv weight by everything in
-    :func:`_state`. (It runs once per layer per call: ~10 us of Python.)"""
+    :func:`state`. (It runs once per layer per call: ~10 us of Python.)"""
     slot = _FROZEN.get(bn)
     if slot is None or bn not in _held.bns:
         return None
@@ -168,7 +178,7 @@ def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[li
             return None
         else:
             kinds.append((t.dtype, t.device))
-    key = (generation, _state(weight), tuple(kinds), eps, torch.is_inference_mode_enabled())
+    key = (generation, state(weight), tuple(kinds), eps, torch.is_inference_mode_enabled())
     e = slot[1]
     if e is None or e[0] != key or not _same_values(e[4], small):
         w, b = fold(weight, *small, eps)

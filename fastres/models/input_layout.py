@@ -53,7 +53,7 @@ from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor
 
-__all__ = ["allow", "features", "head", "inference_call", "inference_input", "vouch", "vouched"]
+__all__ = ["allow", "call_ok", "features", "head", "inference_call", "inference_input", "vouch", "vouched"]
 
 _ALLOWED: Set[type] = {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear,
                        nn.Sequential, nn.Identity, nn.Dropout, nn.Flatten, FusedConvBN2d, FusedConvBNReLU2d}
@@ -112,17 +112,24 @@ def inference_call(model: nn.Module, x: Tensor) -> Tuple[Tensor, bool]:
     (fastres.backends.torch.conv_bn_act_vouched; the model runs its body under :class:`vouch`).
     Otherwise (`x`, False). (The model itself, the first of model.modules(), may be any class: its
     forward is the caller.)"""
+    if not call_ok(model, x) or not _modules_ok(model):
+        return x, False
+    return x.contiguous(memory_format=torch.channels_last), True
+
+
+def call_ok(model: nn.Module, x) -> bool:
+    """The conditions above but the module checks: those of the call (its context, its input, torch's
+    nn methods, the backend chosen). A frozen plan's guard (fastres.models.plan_guard) stands in for the
+    module checks."""
     # (not traced by torch.compile; outside frozen() the stem's fold test answers, in a dict lookup; the
     # context before the tensor: vmap rejects some queries)
     if torch.compiler.is_compiling() or not _stem_frozen(model) or model.training or not _context_ok() \
-            or not _tensor_ok(x) or not nn_methods_unpatched() or not _modules_ok(model):
-        return x, False
+            or not _tensor_ok(x) or not nn_methods_unpatched():
+        return False
     try:
-        if backend.resolve_cached("conv_bn_act", x.device) != "torch":
-            return x, False
+        return backend.resolve_cached("conv_bn_act", x.device) == "torch"
     except Exception:   # a backend that cannot run here: the first layer raises the error that says so
-        return x, False
-    return x.contiguous(memory_format=torch.channels_last), True
+        return False
 
 
 def inference_input(model: nn.Module, x: Tensor) -> Tensor:

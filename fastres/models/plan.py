@@ -22,12 +22,15 @@ plan's ops). A plan is built for a (structure, input shape) once calls with it h
 evaluation loop repays it, a few calls do not), at most :data:`PLANS_KEPT` per model.
 ``fastres.frozen(model, plan=False)`` never builds one.
 
-Never stale. A plan's constants are its own copies of the fold cache's folded weights and biases. On every
-call the structure is walked again (its steps must equal the plan's: a swapped module, a changed stride
-or padding, a replaced ReLU or pool miss the plan) and every (conv, BN) pair asks the fold cache for its
-entry, which re-validates it by all the cache's rules (fastres/backends/fold_cache.py); the plan runs only
-when each entry is the very one it was built from. Anything else runs the per-layer path, and a plan
-whose entries are gone is released. The oneDNN Graph fuser keeps reordered copies of constant weights
+Never stale. A plan's constants are its own copies of the fold cache's folded weights and biases. The
+full check of a call: the vouched call's module checks, the structure walked again (its steps must equal
+the plan's: a swapped module, a changed stride or padding, a replaced ReLU or pool miss the plan) and
+every (conv, BN) pair asking the fold cache for its entry, which re-validates it by all the cache's rules
+(fastres/backends/fold_cache.py); the plan runs only when each entry is the very one it was built from.
+Anything else runs the per-layer path, and a plan whose entries are gone is released. A call that passed
+the full check arms a guard (fastres.models.plan_guard) with which the next calls prove, in a third of
+the time, that nothing the full check read has changed (:func:`armed`); when the proof fails, the full
+check runs. The oneDNN Graph fuser keeps reordered copies of constant weights
 per compiled graph, so a plan is never updated in place: a changed fold means a new plan.
 
 Memory. TorchScript keeps a traced graph's constant tensors alive after the graph is dropped (measured:
@@ -56,16 +59,20 @@ import torch.nn as nn
 
 from fastres.backends import torch as aten_backend
 from fastres.backends.fold_cache import entry as _entry
+from fastres.models import plan_guard
+from fastres.models.input_layout import call_ok
 from fastres.models.plan_walk import Body, NoPlan, register, torch_own, walk
 
 Tensor = torch.Tensor
 
-__all__ = ["register", "body", "live", "drop", "disable", "enable", "PLAN_AFTER_SECONDS", "PLANS_KEPT", "MAX_BUILDS"]
+__all__ = ["register", "armed", "body", "live", "drop", "disable", "enable", "PLAN_AFTER_SECONDS", "PLANS_KEPT",
+           "MAX_BUILDS"]
 
 PLAN_AFTER_SECONDS = 0.25   # per-layer time spent on one (structure, input shape) before a plan is built
 PLANS_KEPT = 4              # plans per model (input shapes), the oldest released first
 MAX_BUILDS = 64             # plans built per process (each leaves a few MB behind: module docstring)
 _WARM_CALLS = 2             # calls that run with the fuser on: TorchScript profiles, then compiles
+_GUARD_MISSES = 4           # guards armed in a row that never held: no more for that plan (the full check)
 builds = 0
 
 _log = logging.getLogger("fastres")
@@ -170,18 +177,36 @@ _malloc_trim = None
 
 
 class _ModelPlans:
-    """A model's plans by (steps, input shape), newest last, and the per-layer time spent on each key
-    that has none yet; keys whose plan failed are not tried again."""
+    """A model's plans by (steps, input shape), newest last, the per-layer time spent on each key that
+    has none yet, and the plans' guards by input shape (fastres.models.plan_guard); keys whose plan failed
+    are not tried again."""
 
     def __init__(self) -> None:
         self.plans: Dict[tuple, _Plan] = {}
         self.spent: Dict[tuple, list] = {}
         self.failed: set = set()
+        self.guards: Dict[tuple, plan_guard.Guard] = {}
+        self.misses: Dict[tuple, int] = {}
 
     def release(self, key: tuple) -> None:
         plan = self.plans.pop(key, None)
         if plan is not None:
+            g = self.guards.get(key[1])
+            if g is not None and g.plan is plan:
+                del self.guards[key[1]]
             plan.release()
+
+    def arm(self, key: tuple, model: nn.Module, plan: _Plan, pairs, entries: list) -> None:
+        """Arm a guard for `plan` after a call that passed the full check, unless its last
+        :data:`_GUARD_MISSES` guards never held (something the guard reads changes on every call while
+        the full check passes: the guard would only add its own cost)."""
+        old = self.guards.get(key[1])
+        misses = 0 if old is None or old.hits else self.misses.get(key, 0) + (old.key == key)
+        self.misses[key] = misses
+        if misses < _GUARD_MISSES:
+            g = plan_guard.arm(key, model, plan, pairs, entries)
+            if g is not None:
+                self.guards[key[1]] = g
 
     def release_all(self) -> None:
         for key in list(self.plans):
@@ -204,10 +229,14 @@ def live(model: nn.Module) -> bool:
 
 
 def drop(model: nn.Module) -> None:
-    """Release every plan of `model` (fastres.frozen's exit: nothing outlives the context)."""
-    mp = _PLANS.pop(model, None)
-    if mp is not None:
-        mp.release_all()
+    """Release every plan of `model` and of the models in it (fastres.frozen's exit: nothing outlives
+    the context, the guards that hold its modules included)."""
+    if not _PLANS:
+        return
+    for m in model.modules():
+        mp = _PLANS.pop(m, None)
+        if mp is not None:
+            mp.release_all()
 
 
 def _build(mp: _ModelPlans, key: tuple, steps: tuple, entries: list, x: Tensor) -> Optional[Tensor]:
@@ -251,13 +280,40 @@ def _guarded(mp: _ModelPlans, key: tuple, fn: Callable, *args) -> Optional[Tenso
         return None
 
 
+def _plan_ok(model: nn.Module, x: Tensor) -> bool:
+    """The conditions of the module docstring's "When" that are not the model's own."""
+    return not (model in _off or not _fuser_available() or aten_backend.onednn_enabled is False
+                or not torch.backends.mkldnn.enabled or torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() or x.numel() == 0 or not torch_own())
+
+
+def armed(model: nn.Module, x) -> Optional[Tuple[Tensor, Tensor]]:
+    """(the body's output, `x` as the body read it) for a frozen call of `model` on `x` whose plan's
+    guard holds (fastres.models.plan_guard: nothing the last full check read has changed) and whose
+    call-level conditions hold (fastres.models.input_layout.call_ok, :func:`_plan_ok`); else None, and
+    the caller makes the full check (input_layout.inference_call, :func:`body`)."""
+    if torch.compiler.is_compiling():   # (nothing here for torch.compile to trace)
+        return None
+    mp = _PLANS.get(model)
+    if mp is None or not mp.guards or not call_ok(model, x):
+        return None
+    g = mp.guards.get(tuple(x.shape))
+    if g is None or not _plan_ok(model, x) or not g.holds():
+        return None
+    xc = x.contiguous(memory_format=torch.channels_last)
+    y = _guarded(mp, g.key, g.plan.run, xc.detach())
+    if y is None:
+        return None
+    g.hits += 1
+    return y, xc
+
+
 def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
          per_layer: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
     """The body of a vouched frozen call of `model` on `x` (channels_last fp32 CPU): through its plan when
-    one is valid (module docstring), else ``per_layer(model, x)``, timed toward building one."""
-    if model in _off or not _fuser_available() or aten_backend.onednn_enabled is False \
-            or not torch.backends.mkldnn.enabled or torch._C._is_torch_function_mode_enabled() \
-            or torch._C._len_torch_dispatch_stack() or x.numel() == 0 or not torch_own():
+    one is valid (module docstring), else ``per_layer(model, x)``, timed toward building one. A plan that
+    ran past its compiling calls is given a guard (:func:`armed`)."""
+    if not _plan_ok(model, x):
         return per_layer(model, x)
     try:
         w = walk(model, layers, maxpool)
@@ -276,6 +332,8 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
         if plan.built_from(entries):
             y = _guarded(mp, key, plan.run, x.detach())
             if y is not None:
+                if plan.calls > _WARM_CALLS:
+                    mp.arm(key, model, plan, w.pairs, entries)
                 return y
         mp.release(key)   # a fold it was built from is gone (or the plan failed)
         mp.spent.pop(key, None)
