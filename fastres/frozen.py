@@ -94,8 +94,9 @@ class frozen:
             _plan.enable(self.model)
         if st[0] == 0:
             aten_backend.thaw(st[1])
-            st[1] = []
             _plan.drop(self.model)
+            _plan.drop_using(st[1])   # (plans of other models made from these folds: a swapped-out model)
+            st[1] = []
 
     def refresh(self) -> None:
         """Remake every fold on its next use (after an edit through ``.data`` and the like)."""

@@ -9,6 +9,8 @@ from typing import List, Tuple
 
 import torch.nn as nn
 
+from fastres.models import plan_guard
+
 __all__ = ["Report", "ConversionReport", "UnfuseReport", "finish", "join"]
 
 log = logging.getLogger("fastres")
@@ -28,6 +30,9 @@ class Report:
         lines += [f"  {self.verb:<11} {name or '<model>'}: {what}" for name, what in self.changed]
         lines += [f"  left alone  {name or '<model>'}: {why}" for name, why in self.left_alone]
         return "\n".join(lines)
+
+
+plan_guard.inert(Report)   # (no forward reads it: a converted model's frozen plan stays guarded)
 
 
 class ConversionReport(Report):

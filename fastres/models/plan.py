@@ -14,10 +14,11 @@ the model-level rows). The pooled head stays in Python on the live modules (fast
 
 When. A vouched call (every module of a known class, eval, no hooks, gradients off, not traced, CPU fp32
 channels_last input, the torch backend) whose body is exactly what fastres.models.plan_walk knows (its
-docstring), with torch's own conv2d / max_pool2d / relu / batch_norm / pad and module-call machinery (a
-wrapper there is the user's code, which the per-layer path runs), oneDNN on (torch.backends.mkldnn and
-fastres.backends.torch.onednn_enabled), and no torch function or dispatch mode (those would not see the
-plan's ops). A plan is built for a (structure, input shape) once calls with it have spent
+docstring), with torch's own conv2d / max_pool2d / relu / batch_norm / pad and module-call machinery
+(with a wrapper there the plan steps aside and the per-layer path answers, as it would without plans: it
+runs a wrapped Module.__call__, not a wrapped F.conv2d or F.batch_norm, whose ops it fuses), oneDNN on
+(torch.backends.mkldnn and fastres.backends.torch.onednn_enabled), and no torch function or dispatch mode
+(those would not see the plan's ops). A plan is built for a (structure, input shape) once calls with it have spent
 :data:`PLAN_AFTER_SECONDS` on the per-layer path (building one costs 0.2-0.7 s on ResNet-50: a serving or
 evaluation loop repays it, a few calls do not), at most :data:`PLANS_KEPT` per model.
 ``fastres.frozen(model, plan=False)`` never builds one.
@@ -81,17 +82,20 @@ _off: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 def disable(model: nn.Module) -> None:
-    """No plan for `model` until a matching :func:`enable` (fastres.frozen(model, plan=False))."""
-    _off[model] = _off.get(model, 0) + 1
+    """No plan for `model` or any model in it until a matching :func:`enable` (fastres.frozen(model,
+    plan=False))."""
+    for m in model.modules():
+        _off[m] = _off.get(m, 0) + 1
     drop(model)
 
 
 def enable(model: nn.Module) -> None:
-    n = _off.get(model, 0) - 1
-    if n <= 0:
-        _off.pop(model, None)
-    else:
-        _off[model] = n
+    for m in model.modules():
+        n = _off.get(m, 0) - 1
+        if n <= 0:
+            _off.pop(m, None)
+        else:
+            _off[m] = n
 
 
 def _fuser_available() -> bool:
@@ -187,6 +191,7 @@ class _ModelPlans:
         self.failed: set = set()
         self.guards: Dict[tuple, plan_guard.Guard] = {}
         self.misses: Dict[tuple, int] = {}
+        self.bns: set = set()   # ids of the BatchNorms its plans fold (:func:`drop_using`)
 
     def release(self, key: tuple) -> None:
         plan = self.plans.pop(key, None)
@@ -228,6 +233,17 @@ def live(model: nn.Module) -> bool:
     return mp is not None and any(p.calls > _WARM_CALLS and not p.dead for p in list(mp.plans.values()))
 
 
+def drop_using(bns) -> None:
+    """Release the plans of every model that folds any of `bns` (a frozen() context leaving them: their
+    folds go, so do plans made from them, whichever model they belong to - a model swapped out of the
+    context's model, or sharing its modules)."""
+    ids = {id(bn) for bn in bns}
+    for model, mp in list(_PLANS.items()):
+        if mp.bns & ids:
+            _PLANS.pop(model, None)
+            mp.release_all()
+
+
 def drop(model: nn.Module) -> None:
     """Release every plan of `model` and of the models in it (fastres.frozen's exit: nothing outlives
     the context, the guards that hold its modules included)."""
@@ -239,8 +255,9 @@ def drop(model: nn.Module) -> None:
             mp.release_all()
 
 
-def _build(mp: _ModelPlans, key: tuple, steps: tuple, entries: list, x: Tensor) -> Optional[Tensor]:
-    """Trace a plan for `key` on this call's input; the trace's own result is this call's body output."""
+def _build(mp: _ModelPlans, key: tuple, steps: tuple, pairs: list, entries: list, x: Tensor) -> Optional[Tensor]:
+    """Trace a plan for `key` (its (conv, BN) `pairs`, their fold `entries`) on this call's input; the
+    trace's own result is this call's body output."""
     global builds
     consts = [t.clone() for e in entries for t in (e[1], e[2])]
     with _build_lock:
@@ -261,6 +278,7 @@ def _build(mp: _ModelPlans, key: tuple, steps: tuple, entries: list, x: Tensor) 
                 while len(mp.plans) >= PLANS_KEPT:
                     mp.release(next(iter(mp.plans)))
                 plan = mp.plans[key] = _Plan(fn, entries, consts)
+                mp.bns.update(id(bn) for _, bn in pairs)
     if fn is None:
         for t in consts:
             t.untyped_storage().resize_(0)
@@ -341,7 +359,7 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
     if spent[0] >= 2 and spent[1] >= PLAN_AFTER_SECONDS and builds < MAX_BUILDS \
             and all(e is not None and e[1].dtype is torch.float32 for e in entries):
         mp.spent.pop(key, None)
-        y = _guarded(mp, key, _build, mp, key, tuple(w.steps), entries, x.detach())
+        y = _guarded(mp, key, _build, mp, key, tuple(w.steps), w.pairs, entries, x.detach())
         if y is not None:
             return y
     t = time.perf_counter()

@@ -50,7 +50,7 @@ from fastres.backends import fold_cache
 
 Tensor = torch.Tensor
 
-__all__ = ["Guard", "arm"]
+__all__ = ["Guard", "arm", "inert"]
 
 # nn.Module's own tables (and conv's padding tuple): compared as values; their contents are either read
 # below (submodules, hooks, tensors) or not read by any forward the plan stands in for (state_dict hooks)
@@ -59,7 +59,8 @@ _TABLES = frozenset({
     "_backward_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
     "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_reversed_padding_repeated_twice"})
-_MUTABLE = (list, dict, set, bytearray)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.memory_format,
+          torch.layout)
 # attributes the plan's ops take as geometry: compared by identity (an equal value of another type is not
 # what torch accepts: F.conv2d rejects a float stride)
 _EXACT = ("stride", "padding", "dilation", "groups", "kernel_size", "ceil_mode", "return_indices",
@@ -68,12 +69,39 @@ _BLOCK = 32767   # values per concatenation: aten's cat runs serially below 3276
 _numel = Tensor.numel
 
 
+_INERT: tuple = ()
+
+
+def inert(cls: type) -> None:
+    """Declare a class whose instances, kept as a module attribute, no forward a plan stands in for reads
+    (fastres.convert's report on a converted model): such a value does not make a model unguardable."""
+    global _INERT
+    _INERT = _INERT + (cls,)
+
+
+def _plain(v) -> bool:
+    """Whether `v` is an immutable builtin value (tuples and frozensets of them included): equal means
+    the same to any code that reads it."""
+    if type(v) in _PLAIN:
+        return True
+    return type(v) in (tuple, frozenset) and all(_plain(i) for i in v)
+
+
+def _settled(v) -> bool:
+    """Whether an attribute value cannot change unseen: plain, a class, or an object compared by identity
+    (a function, a partial: no forward a plan stands in for reads more of it) that is neither a tensor nor
+    a module (their contents change in place)."""
+    return _plain(v) or isinstance(v, type) or isinstance(v, _INERT) or (type(v).__eq__ is object.__eq__
+                                                and not isinstance(v, (Tensor, nn.Module)))
+
+
 def _module_record(m: nn.Module):
-    """(module, its class, a copy of its instance dict, of its submodule table, the ids of its geometry
-    attributes and the getter that reads them), or None when a value could change unseen."""
+    """(module, its class, a copy of its instance dict, (the ids of its submodules, them), the ids of its
+    geometry attributes and the getter that reads them), or None when a value could change unseen (a
+    list, array or tensor attribute, geometry that is not plain)."""
     d = m.__dict__
     for k, v in d.items():
-        if k not in _TABLES and isinstance(v, _MUTABLE):
+        if k not in _TABLES and not (_plain(v) if k in _EXACT else _settled(v)):
             return None
     keys = tuple(k for k in _EXACT if k in d)
     get = operator.itemgetter(*keys) if len(keys) > 1 else None
@@ -81,19 +109,25 @@ def _module_record(m: nn.Module):
         k0 = keys[0]
         get = lambda dd: (dd[k0],)   # noqa: E731  (itemgetter of one key returns the value, not a tuple)
     ids = tuple(map(id, get(d))) if get is not None else ()
-    return (m, type(m), dict(d), dict(m._modules), get, ids)
+    kids = list(m._modules.values())   # (held: an id is not reused while its object lives)
+    return (m, type(m), dict(d), (list(map(id, kids)), kids), get, ids)
 
 
-def _small(pairs) -> Tuple[list, list]:
-    """(the conv weights, the small tensors that are not None) of the pairs, read from their tables."""
-    weights, small = [], []
+def _small(pairs) -> Tuple[list, list, list]:
+    """(the conv weights, the small tensors that are not None, which of the five per pair are None) of
+    the pairs, read from their tables (conv bias, BN weight, BN bias, running mean, running variance: a
+    None moved from one to another must not read as the same list)."""
+    weights, small, nones = [], [], []
     for conv, bn in pairs:
         cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
         weights.append(cp["weight"])
-        for t in (cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"]):
-            if t is not None:
-                small.append(t)
-    return weights, small
+        five = (cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"])
+        if None in five:
+            nones.append((len(weights), tuple(t is None for t in five)))
+            small += [t for t in five if t is not None]
+        else:
+            small += five
+    return weights, small, nones
 
 
 def _blocks(small: list) -> List[list]:
@@ -138,8 +172,8 @@ except ImportError:   # (torch runs without numpy)
 class Guard:
     """See the module docstring. Built by :func:`arm`; :meth:`holds` is the per-call proof."""
 
-    __slots__ = ("key", "hits", "plan", "records", "classes", "pairs", "count", "numels", "sizes", "bits", "wstate",
-                 "generation", "inference", "held", "slots", "entries")
+    __slots__ = ("key", "hits", "plan", "records", "classes", "pairs", "count", "nones", "numels", "sizes", "bits",
+                 "wstate", "generation", "inference", "held", "slots", "entries")
 
     def holds(self) -> bool:
         try:
@@ -157,15 +191,15 @@ class Guard:
         for c, snap in self.classes:
             if c.__dict__ != snap:
                 return False
-        for m, cls, d, mods, get, ids in self.records:
+        for m, cls, d, (kids, _), get, ids in self.records:
             dd = m.__dict__
-            if type(m) is not cls or dd != d or m._modules != mods or m._forward_hooks or m._forward_pre_hooks \
-                    or m._backward_hooks or m._backward_pre_hooks:
+            if type(m) is not cls or dd != d or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
+                    or m._backward_pre_hooks or list(map(id, m._modules.values())) != kids:
                 return False
             if get is not None and tuple(map(id, get(dd))) != ids:
                 return False
-        weights, small = _small(self.pairs)
-        if list(map(fold_cache.state, weights)) != self.wstate or len(small) != self.count \
+        weights, small, nones = _small(self.pairs)
+        if list(map(fold_cache.state, weights)) != self.wstate or nones != self.nones or len(small) != self.count \
                 or list(map(_numel, small)) != self.numels:
             return False
         i = 0
@@ -216,7 +250,7 @@ def _arm(key: tuple, model: nn.Module, plan, pairs, entries: list) -> Optional[G
     g.slots = [fold_cache.slot(bn) for _, bn in pairs]
     if any(s is None for s in g.slots):
         return None
-    weights, small = _small(pairs)
+    weights, small, g.nones = _small(pairs)
     if any(t.dim() != 1 for t in small):
         return None
     g.wstate = list(map(fold_cache.state, weights))
