@@ -194,7 +194,7 @@ class Guard:
         for m, cls, d, (kids, _), get, ids in self.records:
             dd = m.__dict__
             if type(m) is not cls or dd != d or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
-                    or m._backward_pre_hooks or list(map(id, m._modules.values())) != kids:
+                    or m._backward_pre_hooks or ((kids or m._modules) and list(map(id, m._modules.values())) != kids):
                 return False
             if get is not None and tuple(map(id, get(dd))) != ids:
                 return False
