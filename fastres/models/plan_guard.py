@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from fastres.backends import fold_cache
+from fastres.backends.common import pair_tensors
 
 Tensor = torch.Tensor
 
@@ -119,9 +120,9 @@ def _small(pairs) -> Tuple[list, list, list]:
     None moved from one to another must not read as the same list)."""
     weights, small, nones = [], [], []
     for conv, bn in pairs:
-        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-        weights.append(cp["weight"])
-        five = (cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"])
+        t = pair_tensors(conv, bn)   # (as the fold cache reads them)
+        weights.append(t[0])
+        five = t[1:6]
         if None in five:
             nones.append((len(weights), tuple(t is None for t in five)))
             small += [t for t in five if t is not None]
