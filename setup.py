@@ -1,7 +1,9 @@
 """fastres install. The CUDA C++ extension fastres._C is built from csrc/ when nvcc and a CUDA build of
-torch are present. Environment:
+torch are present; the CPU one, fastres._cpu, from csrc/cpu/ when a C++ compiler is (any torch build;
+without it the same checks run in Python: fastres/_native.py). Environment:
   FASTRES_BUILD_CUDA  unset: build when possible, otherwise install without it (and say why);
                       1: build or fail; 0: skip.
+  FASTRES_BUILD_CPU   the same for fastres._cpu.
   FASTRES_CUDA_ARCHS  compute capabilities to compile SASS for, default "80;90" ("90a" for sm_90a);
                       PTX is added for the newest plain one, so newer GPUs JIT-load the extension.
   MAX_JOBS            parallel compile jobs (torch's ninja build honours it).
@@ -24,6 +26,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("FASTRES_BUILD_CUDA", "").strip()
 if MODE not in ("", "0", "1"):
     sys.exit(f"FASTRES_BUILD_CUDA must be 0, 1 or unset, got {MODE!r}")
+CPU_MODE = os.environ.get("FASTRES_BUILD_CPU", "").strip()
+if CPU_MODE not in ("", "0", "1"):
+    sys.exit(f"FASTRES_BUILD_CPU must be 0, 1 or unset, got {CPU_MODE!r}")
 
 
 def say(msg):
@@ -130,29 +135,72 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-class _Optional:
-    """Wraps build_ext so that, unless FASTRES_BUILD_CUDA=1, a failed compile leaves the install
-    without fastres._C (and says so loudly) instead of failing it."""
+def cpu_extension():
+    """([CppExtension fastres._cpu], {"build_ext": BuildExtension}) or ([], {}) when it is skipped."""
+    if CPU_MODE == "0":
+        say("FASTRES_BUILD_CPU=0: not building the CPU extension")
+        return [], {}
+    why = None
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        why = "torch is not installed in the build environment (use --no-build-isolation)"
+    if why is None:
+        import sysconfig
 
-    @staticmethod
-    def wrap(cmdclass):
-        if MODE == "1" or "build_ext" not in cmdclass:
+        cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+        if shutil.which(cxx.split()[0]) is None:
+            why = f"no C++ compiler ({cxx.split()[0]} not on PATH)"
+    if why is not None:
+        if CPU_MODE == "1":
+            sys.exit(f"fastres setup: FASTRES_BUILD_CPU=1 but the CPU extension cannot be built: {why}")
+        say(f"not building the CPU extension: {why} (its checks run in Python)")
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    ext = CppExtension("fastres._cpu", sources, extra_compile_args=["-O3", "-std=c++20"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+class _Optional:
+    """Wraps build_ext so that a failed compile of an extension whose FASTRES_BUILD_* is not 1 leaves the
+    install without it (and says so loudly) instead of failing it."""
+
+    MANDATORY = {"fastres._C": MODE == "1", "fastres._cpu": CPU_MODE == "1"}
+    VARIABLE = {"fastres._C": "FASTRES_BUILD_CUDA", "fastres._cpu": "FASTRES_BUILD_CPU"}
+
+    @classmethod
+    def wrap(cls, cmdclass):
+        if "build_ext" not in cmdclass:
             return cmdclass
         base = cmdclass["build_ext"]
 
         class build_ext(base):
-            def run(self):
+            failed = ()
+
+            def build_extension(self, ext):
+                if cls.MANDATORY.get(ext.name, False):
+                    return super().build_extension(ext)
                 try:
-                    super().run()
+                    return super().build_extension(ext)
                 except Exception as e:  # compile errors surface as various distutils errors
-                    say(f"WARNING: building the CUDA extension failed ({e}); fastres installs without "
-                        "it. Set FASTRES_BUILD_CUDA=1 to make this an error.")
+                    say(f"WARNING: building {ext.name} failed ({e}); fastres installs without it. Set "
+                        f"{cls.VARIABLE.get(ext.name)}=1 to make this an error.")
+                    self.failed += (ext.name,)
+
+            def build_extensions(self):
+                super().build_extensions()
+                # (what was not built is not copied into the source tree or listed among the outputs)
+                self.extensions = [e for e in self.extensions if e.name not in self.failed]
 
         return {"build_ext": build_ext}
 
 
 check_build_tools()
 ext_modules, cmdclass = cuda_extension()
+cpu_modules, cpu_cmdclass = cpu_extension()
+ext_modules += cpu_modules
+cmdclass = cmdclass or cpu_cmdclass
 
 setup(
     name="fastres",

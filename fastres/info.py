@@ -9,7 +9,7 @@ from typing import Dict, List
 import torch
 
 import fastres
-from fastres import backend
+from fastres import _native, backend
 from fastres.bench.environment import environment
 
 # What each backend's kernels cover; the rest of a call's cases run on torch (logged and counted).
@@ -50,6 +50,7 @@ def collect() -> Dict[str, object]:
         "torchvision": env["torchvision"] or "not installed",
         "cuda (torch build)": torch.version.cuda or "none (CPU build)",
         "extension fastres._C": "built" if ext_ok else f"not built: {ext_why}",
+        "extension fastres._cpu": "built" if _native.cpu is not None else f"not loaded: {_native.why}",
         "cpu": f"{env['cpu']} ({env['cores_usable']} cores usable, {env['torch_threads']} torch threads)",
         "cpu capability": f"{env['cpu_capability']}" + (f" (ATEN_CPU_CAPABILITY={env['aten_cpu_capability_env']})"
                                                          if env["aten_cpu_capability_env"] else ""),
@@ -64,7 +65,8 @@ def collect() -> Dict[str, object]:
 def render(info: Dict[str, object]) -> str:
     lines = []
     for key in ("fastres", "git commit", "python", "torch", "triton", "torchvision", "cuda (torch build)",
-                "extension fastres._C", "cpu", "cpu capability", "triton interpreter", "requested backend"):
+                "extension fastres._C", "extension fastres._cpu", "cpu", "cpu capability", "triton interpreter",
+                "requested backend"):
         lines.append(f"{key:24} {info[key]}")
     lines.append(f"{'devices':24} " + "; ".join(info["devices"]))
     lines.append("")

@@ -1,12 +1,13 @@
-"""Build fastres._C in this checkout and make the checkout importable, without pip, `wheel`, a new
-setuptools or the network: the GPU machines' own Python (old setuptools, no `wheel`, PEP 668).
+"""Build fastres._C and fastres._cpu in this checkout and make the checkout importable, without pip,
+`wheel`, a new setuptools or the network: the GPU machines' own Python (old setuptools, no `wheel`, PEP 668).
 
     python scripts/build_inplace.py [--venv DIR] [--dry-run]
 
 1. Says what it found: Python, setuptools, `wheel`, torch (and its CUDA), nvcc, whether the Python is
    externally managed (PEP 668), and what it will do.
-2. Runs `python setup.py build_ext --inplace` once (fastres/_C*.so beside the sources), with the
-   environment as given: FASTRES_BUILD_CUDA=1 makes a compile error fail this script, at once.
+2. Runs `python setup.py build_ext --inplace` once (fastres/_C*.so and _cpu*.so beside the sources), with
+   the environment as given: FASTRES_BUILD_CUDA=1 (FASTRES_BUILD_CPU=1) makes a compile error of that
+   extension fail this script, at once.
    setuptools has run build_ext by itself, with no wheel involved, in every version.
 3. Makes `import fastres` find this checkout: a .pth file adds the checkout to sys.path, and a small
    finder maps fastres.kernels to kernels/ (setup.py's package_dir; a plain path entry cannot). They go
@@ -152,7 +153,8 @@ def check_import(python, site=None):
     code += (f"import fastres, fastres.kernels.conv as c, fastres._ext as e; root = {ROOT!r}; "
              "print('fastres from', fastres.__file__); print('kernels from', c.__file__); "
              "assert fastres.__file__.startswith(root) and c.__file__.startswith(root + '/kernels/'); "
-             "ok, why = e.status(); print('fastres._C', 'loads' if ok else why)")
+             "ok, why = e.status(); print('fastres._C', 'loads' if ok else why); "
+             "import fastres._native as n; print('fastres._cpu', 'loads' if n.cpu else n.why)")
     return subprocess.run([python, *flags, "-c", code], cwd=os.path.expanduser("~") or "/").returncode
 
 

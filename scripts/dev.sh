@@ -32,7 +32,8 @@ if [ ! -f "$stamp" ] || [ "${FASTRES_REINSTALL:-0}" = 1 ] || [ setup.py -nt "$st
   python -m pip install --quiet --disable-pip-version-check ninja
   t1=$(date +%s)
   echo "dev.sh: [1/2] done in $((t1 - t0)) s; [2/2] fastres (editable, with its train and test extras)" \
-       "and its CUDA extension fastres._C when nvcc is present (compiling takes a few minutes on 2 cores)"
+       "and its extensions: fastres._cpu (a C++ compiler present), fastres._C (nvcc present; compiling" \
+       "takes a few minutes on 2 cores)"
   MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --disable-pip-version-check \
     --no-build-isolation -e ".[train,test]"
   touch "$stamp"

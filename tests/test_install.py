@@ -20,7 +20,7 @@ def _setup(env_extra, *args):
 
 @pytest.mark.slow
 def test_wheel_without_cuda_carries_the_triton_kernels_and_imports(tmp_path):
-    env = dict(os.environ, FASTRES_BUILD_CUDA="0")
+    env = dict(os.environ, FASTRES_BUILD_CUDA="0", FASTRES_BUILD_CPU="0")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
                         ROOT, "-w", str(tmp_path / "wheel")], env=env, capture_output=True, text=True,
                        timeout=600)
@@ -31,7 +31,7 @@ def test_wheel_without_cuda_carries_the_triton_kernels_and_imports(tmp_path):
         assert f"fastres/kernels/{mod}.py" in names
     for mod in ("torch", "triton", "cuda", "common"):
         assert f"fastres/backends/{mod}.py" in names
-    assert not any(n.endswith(".so") for n in names)  # FASTRES_BUILD_CUDA=0: no extension
+    assert not any(n.endswith(".so") for n in names)  # FASTRES_BUILD_CUDA=0, FASTRES_BUILD_CPU=0: none
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                         whl], capture_output=True, text=True, timeout=600)
@@ -40,17 +40,20 @@ def test_wheel_without_cuda_carries_the_triton_kernels_and_imports(tmp_path):
     # fastres; torch and friends come from site-packages, fastres only from the wheel.
     code = (f"import sys; sys.path[:0] = [{str(target)!r}, {sysconfig.get_paths()['purelib']!r}]; "
             "import fastres, fastres.kernels.conv as c; print(c.__file__); "
-            "print(fastres.backend.available('cuda'))")
+            "print(fastres.backend.available('cuda')); import fastres._native as n; print(n.cpu, n.why)")
     r = subprocess.run([sys.executable, "-S", "-c", code], cwd=str(tmp_path), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[0].startswith(str(target))
     assert "fastres._C is not built" in r.stdout
+    assert "None fastres._cpu is not built" in r.stdout   # (the Python forms of its checks run)
 
 
 def test_bad_build_switches_are_named():
     r = _setup({"FASTRES_BUILD_CUDA": "yes"}, "--version")
     assert r.returncode != 0 and "FASTRES_BUILD_CUDA must be 0, 1 or unset, got 'yes'" in r.stderr
+    r = _setup({"FASTRES_BUILD_CPU": "on"}, "--version")
+    assert r.returncode != 0 and "FASTRES_BUILD_CPU must be 0, 1 or unset, got 'on'" in r.stderr
 
 
 def test_bad_arch_list_is_named():

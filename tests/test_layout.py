@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Layers, bottom (0) to top: a module may import modules of its own layer or below, never above.
 LAYERS = [
-    ("fastres.kernels", "fastres._ext", "fastres.layout", "fastres.errors", "fastres.ops.reference",
+    ("fastres.kernels", "fastres._ext", "fastres._native", "fastres.layout", "fastres.errors", "fastres.ops.reference",
      "fastres.models.registry", "fastres.nn_methods"),
     ("fastres.backends", "fastres.backend"),
     ("fastres.ops",),
@@ -38,7 +38,7 @@ def _module_files():
 
 
 MODULES = _module_files()
-EXTENSIONS = ("fastres._C",)   # built from csrc/: no Python source, imports nothing of fastres
+EXTENSIONS = ("fastres._C", "fastres._cpu")   # from csrc/, csrc/cpu/: no Python source, import nothing
 
 
 def _imports(path, module):
