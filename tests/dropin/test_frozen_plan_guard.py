@@ -19,7 +19,7 @@ from numerics import assert_as_good
 from workflow_helpers import batch, check_eval, make
 
 import fastres
-from fastres.models import plan
+from fastres.models import plan, plan_guard
 
 pytestmark = pytest.mark.skipif(not plan._fuser_available(), reason="this torch has no oneDNN Graph fuser")
 ARCH = "basic"
@@ -32,13 +32,25 @@ def eager_plans(monkeypatch):
     monkeypatch.setattr(plan, "builds", 0)
 
 
+@pytest.fixture(autouse=True, params=["native", "python"])
+def proof(request, monkeypatch):
+    """Every test twice: the guard's proof in C++ (fastres._cpu: csrc/cpu/plan_guard.cpp) and in Python."""
+    if request.param == "python":
+        monkeypatch.setattr(plan_guard, "_native", None)
+    elif plan_guard._native is None:
+        from fastres import _native
+        pytest.skip(f"the C++ proof is not available here: {_native.why}")
+    return request.param
+
+
 def _armed(model, x):
-    """Calls until the guard for x's shape has held twice; the guard."""
+    """Calls until the guard for x's shape has held twice; the guard (in the form the test runs)."""
     with torch.no_grad():
         for _ in range(8):
             model(x)
     g = plan._PLANS[model].guards.get(tuple(x.shape))
     assert g is not None and g.hits >= 2, "no guard armed and used: the tests below would prove nothing"
+    assert (g.native is not None) == (plan_guard._native is not None), "not the proof this test runs"
     return g
 
 
@@ -98,6 +110,17 @@ def _in_place(w):
         w.mul_(1.2)
 
 
+def _neg_view(m):   # the same bits in memory, the values negated (a view's neg bit)
+    bn = m.layer2[0].bn2
+    bn.weight.data = torch._neg_view(bn.weight.data.clone())
+
+
+def _strided(m):   # memory that starts with the values seen, read through a stride of 2: other values
+    bn = m.layer3[1].bn2
+    base = torch.cat([bn.running_var, bn.running_var.flip(0) + 1.0])
+    bn.running_var.data = base[::2]
+
+
 CHANGES = {
     "bn-weight-.data-in-place": (lambda m: m.layer1[0].bn1.weight.data.mul_(1.5), None),
     "running-stats-by-a-training-forward": (_recalibrate, None),
@@ -119,6 +142,8 @@ CHANGES = {
     "fc-swapped": (lambda m: setattr(m, "fc", nn.Linear(512, 10)), None),
     "class-attribute-shadowed": (_class_attr, None),
     "refresh-after-.data": ("refresh", None),
+    "bn-weight-neg-view": (_neg_view, None),
+    "running-var-strided-view": (_strided, None),
 }
 
 
@@ -276,6 +301,38 @@ def test_a_context_entered_on_part_of_the_model_fails_the_guard():
             assert not g.holds()
             for i in range(4):
                 check_eval(model, ARCH, x, what=f"call {i} in the inner context")
+
+
+def test_a_renamed_or_deleted_attribute_fails_the_guard():
+    """The instance dict must keep its keys: one renamed in place (the same count, position and value) or
+    deleted fails the guard. (A ReLU's `inplace`, the last key of its dict; the fused ReLU does not read
+    it, so only the guard is asserted.)"""
+    model = make(ARCH).eval()
+    x = batch(14)
+    relu = model.layer2[1].relu
+    with fastres.frozen(model):
+        g = _armed(model, x)
+        d = relu.__dict__
+        d["inplace_"] = d.pop("inplace")
+        assert not g.holds()
+        d["inplace"] = d.pop("inplace_")
+        g = _armed(model, x)
+        del d["inplace"]
+        assert not g.holds()
+
+
+def test_a_longer_tensor_with_the_same_leading_values_fails_the_guard():
+    """A BatchNorm weight one value longer, its first values those seen: the call then fails as torch's
+    BatchNorm does."""
+    model = make(ARCH).eval()
+    x = batch(15)
+    bn = model.layer2[0].bn1
+    with fastres.frozen(model):
+        g = _armed(model, x)
+        bn.weight.data = torch.cat([bn.weight.data, bn.weight.data[:1]])
+        assert not g.holds()
+        with torch.no_grad(), pytest.raises(RuntimeError):
+            model(x)
 
 
 def test_lengths_moved_between_tensors_fail_the_guard():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 from numerics import assert_as_good
-from test_frozen_plan_guard import ARCH, _armed
+from test_frozen_plan_guard import ARCH, _armed, proof  # noqa: F401  (proof: both forms of the proof)
 from workflow_helpers import batch, check_eval, make
 
 import fastres
