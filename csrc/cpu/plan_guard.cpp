@@ -7,17 +7,19 @@
 // lookups), tensors read from their TensorImpl, the small tensors compared with memcmp against one
 // snapshot buffer (no concatenation). It proves nothing the Python guard does not: fastres/models/
 // plan_guard.py is the one description of what is read; every difference below is a stricter rule
-// (a miss, and the full check runs). No torch ABI beyond at::Tensor and THPVariable; built by setup.py
+// (a miss, and the full check runs). An error torch raises on a tensor (a nested or sparse one) is a
+// miss too, never an exception through Python. No torch ABI beyond at::Tensor and THPVariable; built by setup.py
 // when a C++ compiler is present, optional (the Python guard runs without it).
 //
 // records_hold(records) -> bool. records: list of tuples (m, cls, snap, kinds, kids)
 //   m     the module; cls its class when armed (Py_TYPE(m) must be it)
 //   snap  a copy of m.__dict__ when armed; the live dict must have the same keys in the same order
-//         (same key objects, or equal ones) and, entry by entry, the same value object or an equal one
-//         (so the live dict == snap, which the Python guard checks)
+//         and, entry by entry, the same value object or an equal str, int, float, complex, bytes or tuple
+//         of those (so the live dict == snap, which the Python guard checks, by compares that run no
+//         Python code: nothing can change the module while it is being checked)
 //   kinds bytes, one per entry of snap: 0 a value, 1 a hook table (a dict that must be empty),
-//         2 a geometry attribute (the very same object), 3 the submodule table (its values must be
-//         `kids`, the same objects in the same order)
+//         2 a geometry attribute (the very same object), 3 the submodule table (exactly a dict, the
+//         same one; its values must be `kids`, the same objects in the same order)
 //   kids  tuple of the submodules when armed
 //
 // tensors_hold(pairs, weight_keys, small_types, nones, numels, snapshot) -> bool
@@ -37,6 +39,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 namespace {
@@ -48,15 +51,31 @@ PyObject* dict_of(PyObject* m) {
   return d;
 }
 
+// Whether b is a, or an equal value of an immutable builtin type (str, int, float, complex, bytes, or a
+// tuple of such): equal by compares that run no Python code, so nothing can change the module while it is
+// checked (an __eq__ that registers a hook or rebinds a stride would). Anything else equal but not the
+// same object is a miss (the full check runs, and arms again).
 bool same_value(PyObject* a, PyObject* b) {
   if (a == b) return true;
+  if (Py_TYPE(a) != Py_TYPE(b)) return false;
+  if (PyTuple_CheckExact(a)) {
+    Py_ssize_t n = PyTuple_GET_SIZE(a);
+    if (PyTuple_GET_SIZE(b) != n) return false;
+    for (Py_ssize_t i = 0; i < n; i++)
+      if (!same_value(PyTuple_GET_ITEM(a, i), PyTuple_GET_ITEM(b, i))) return false;
+    return true;
+  }
+  if (!(PyUnicode_CheckExact(a) || PyLong_CheckExact(a) || PyFloat_CheckExact(a) || PyComplex_CheckExact(a) ||
+        PyBytes_CheckExact(a)))
+    return false;
   int eq = PyObject_RichCompareBool(a, b, Py_EQ);
   if (eq < 0) PyErr_Clear();
   return eq == 1;
 }
 
 bool kids_hold(PyObject* table, PyObject* kids) {
-  if (!PyDict_Check(table) || !PyTuple_Check(kids) || PyDict_GET_SIZE(table) != PyTuple_GET_SIZE(kids))
+  // (exactly a dict: an OrderedDict's own order is not the storage order PyDict_Next walks)
+  if (!PyDict_CheckExact(table) || !PyTuple_Check(kids) || PyDict_GET_SIZE(table) != PyTuple_GET_SIZE(kids))
     return false;
   Py_ssize_t pos = 0, i = 0;
   PyObject *k, *v;
@@ -81,7 +100,7 @@ bool record_holds(PyObject* r) {
   PyObject *ka, *va, *kb, *vb;
   while (ok && PyDict_Next(d, &pa, &ka, &va)) {
     if (!PyDict_Next(snap, &pb, &kb, &vb)) { ok = false; break; }
-    // (an __eq__ may run Python code that edits a dict: hold what is compared, as dict == does)
+    // (no Python code runs in same_value; the references are held all the same)
     Py_INCREF(ka); Py_INCREF(va); Py_INCREF(kb); Py_INCREF(vb);
     ok = ka == kb || same_value(ka, kb);
     if (ok) {
@@ -96,6 +115,7 @@ bool record_holds(PyObject* r) {
     Py_DECREF(ka); Py_DECREF(va); Py_DECREF(kb); Py_DECREF(vb);
     i++;
   }
+  if (ok && PyDict_Next(snap, &pb, &kb, &vb)) ok = false;   // (the copy has entries the live dict lost)
   Py_DECREF(d);
   return ok;
 }
@@ -109,6 +129,7 @@ PyObject* records_hold(PyObject*, PyObject* records) {
 }
 
 void key_of(const at::Tensor& t, PyObject* obj, std::vector<int64_t>& out) {
+  if (t.is_nested() || t.layout() != at::kStrided) throw std::runtime_error("not a strided tensor");
   out.push_back(reinterpret_cast<int64_t>(obj));
   out.push_back(t.has_storage() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0);
   out.push_back(t.is_inference() ? -1 : static_cast<int64_t>(t._version()));
@@ -127,7 +148,12 @@ PyObject* weight_key(PyObject*, PyObject* obj) {
     return nullptr;
   }
   std::vector<int64_t> k;
-  key_of(THPVariable_Unpack(obj), obj, k);
+  try {
+    key_of(THPVariable_Unpack(obj), obj, k);
+  } catch (const std::exception& e) {   // (a tensor whose sizes or strides torch will not give: nested, sparse)
+    PyErr_SetString(PyExc_TypeError, e.what());
+    return nullptr;
+  }
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(k.data()), k.size() * sizeof(int64_t));
 }
 
@@ -158,13 +184,26 @@ bool small_ok(PyObject* obj, PyObject* types, int64_t numel, const char* want) {
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) typed |= (PyObject*)Py_TYPE(obj) == PyTuple_GET_ITEM(types, i);
   if (!typed || !THPVariable_Check(obj)) return false;
   const at::Tensor& t = THPVariable_Unpack(obj);
-  if (t.layout() != at::kStrided || t.scalar_type() != at::kFloat || !t.device().is_cpu() || t.dim() != 1 ||
+  if (t.is_nested() || t.layout() != at::kStrided || t.scalar_type() != at::kFloat || !t.device().is_cpu() || t.dim() != 1 ||
       t.numel() != numel || !t.has_storage() || t.is_neg() || t.is_conj() || (numel > 1 && t.stride(0) != 1))
     return false;
-  return numel == 0 || std::memcmp(t.const_data_ptr(), want, numel * sizeof(float)) == 0;
+  if (numel == 0) return true;
+  const size_t end = (static_cast<size_t>(t.storage_offset()) + static_cast<size_t>(numel)) * sizeof(float);
+  if (t.storage().nbytes() < end) return false;   // (a storage resized under the tensor)
+  return std::memcmp(t.const_data_ptr(), want, numel * sizeof(float)) == 0;
 }
 
+PyObject* tensors_hold_(PyObject* args);
+
 PyObject* tensors_hold(PyObject*, PyObject* args) {
+  try {
+    return tensors_hold_(args);
+  } catch (const std::exception&) {   // (torch refused a tensor's metadata: nested, sparse): a miss
+    Py_RETURN_FALSE;
+  }
+}
+
+PyObject* tensors_hold_(PyObject* args) {
   PyObject *pairs, *wkeys, *types, *nones, *numels, *snapshot;
   if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyList_Type, &pairs, &PyTuple_Type, &wkeys, &PyTuple_Type, &types,
                         &PyBytes_Type, &nones, &PyTuple_Type, &numels, &PyBytes_Type, &snapshot))
@@ -201,7 +240,7 @@ PyObject* tensors_hold(PyObject*, PyObject* args) {
       if (was_none) continue;
       if (j >= PyTuple_GET_SIZE(numels)) Py_RETURN_FALSE;
       int64_t k = PyLong_AsLongLong(PyTuple_GET_ITEM(numels, j++));
-      if (k < 0 || k * (Py_ssize_t)sizeof(float) > left) { PyErr_Clear(); Py_RETURN_FALSE; }
+      if (k < 0 || k > left / (Py_ssize_t)sizeof(float)) { PyErr_Clear(); Py_RETURN_FALSE; }
       if (!small_ok(five[f], types, k, want)) Py_RETURN_FALSE;
       want += k * sizeof(float);
       left -= k * sizeof(float);

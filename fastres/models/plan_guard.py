@@ -34,14 +34,16 @@ Everything else the full check reads is read live by the guarded call too (fastr
 call-level conditions, fastres.models.plan's global ones).
 
 Two forms of the proof read the same things. With the CPU extension built (fastres._cpu,
-csrc/cpu/plan_guard.cpp: fastres/_native.py) the modules and tensors are proved in C++: each instance dict
-entry by entry against its copy in insertion order (same keys, same or equal values: so the dicts are
-equal, without a hash lookup), the tensors from their TensorImpl, the small ones by memcmp against one
-snapshot, each required float32, contiguous, 1-D, on the CPU, without a neg or conj bit, a plain tensor
-or parameter (a guard whose tensors are not all such, or whose C++ form does not hold when armed, keeps
-the Python form). Without it, Python: dict ==, cat and numpy. Measured on ResNet-50 in a serving loop,
-2 CPU cores: 0.37-0.40 ms per call in C++, 0.94-0.96 ms in Python, against ~1.5 ms for the full check;
-with warm caches ~0.25 ms in Python, ~0.75 ms for the full check.
+csrc/cpu/plan_guard.cpp: fastres/_native.py) the modules and tensors are proved in C++: each instance
+dict entry by entry against its copy in insertion order (same keys; each value the same object or an
+equal str, int, float, complex, bytes or tuple of them: so the dicts are equal, without a hash lookup
+and without running an __eq__ that could change the module mid-check), the tensors from their
+TensorImpl, the small ones by memcmp against one snapshot, each required float32, contiguous, 1-D, on
+the CPU, without a neg or conj bit, a plain tensor or parameter (a guard whose tensors are not all such,
+whose submodule tables are not plain dicts, or whose C++ form does not hold when armed, keeps the Python
+form). Without it, Python: dict ==, cat and numpy. Measured on ResNet-50 in a serving loop, 2 CPU cores:
+0.37-0.47 ms per call in C++, 0.94-1.08 ms in Python, against ~1.5 ms for the full check; with warm
+caches ~0.25 ms in Python, ~0.75 ms for the full check.
 
 A guard holds the modules it checks. It lives in its plan's model record and goes with the plan, at the
 latest when the frozen() context that made it is left (fastres.frozen drops the plans of every model in
@@ -296,8 +298,8 @@ def _native_form(g: Guard, pairs, small: list):
     does not hold at once (a small tensor that is not a float32 contiguous plain tensor or parameter, a
     table read otherwise than from the instance dict): the Python proof then runs."""
     if any(type(t) not in _SMALL_TYPES or not t.is_contiguous() for t in small) \
-            or any(not all(k in r[2] for k in _NEEDED) for r in g.records):
-        return None
+            or any(not all(k in r[2] for k in _NEEDED) or type(r[2]["_modules"]) is not dict for r in g.records):
+        return None   # (an OrderedDict's _modules: its order is its own, not the one the C++ walks)
     records = [(m, cls, d, bytes(_KIND.get(k, 0) for k in d), tuple(kids)) for m, cls, d, (_, kids), _, _ in g.records]
     masks = [0] * len(g.pairs)
     for i, pattern in g.nones:

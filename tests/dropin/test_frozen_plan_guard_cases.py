@@ -1,8 +1,12 @@
 """The guard of a frozen plan (fastres.models.plan_guard), continued: the cases a user-style probe found
 (a None moved between a pair's tensors, a module that calls itself equal, geometry edited in place, plans
-that outlived their context), plan=False over a wrapper, and converted models guarded like fastres's own.
+that outlived their context), plan=False over a wrapper, converted models guarded like fastres's own,
+and what a review of the C++ form found (an __eq__ that changes the module while it is compared, an
+OrderedDict submodule table reordered, tensors torch gives no strides for).
 """
+import collections
 import copy
+import warnings
 
 import pytest
 import torch
@@ -131,3 +135,72 @@ def test_a_converted_bottleneck_model_is_guarded_too(kind):
         assert not g.holds()
         for i in range(6):
             check_eval(model, "bottleneck", x, what=f"{kind} call {i} after a running_var edit")
+
+
+class _Meddler:
+    """An attribute value whose == registers a forward hook on its module: code that runs while a guard
+    compares values."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __eq__(self, other):
+        self.module.register_forward_hook(lambda mod, args, out: None)
+        return True
+
+    __hash__ = object.__hash__
+
+
+def test_an_eq_that_changes_the_module_mid_check_fails_the_guard():
+    model = make(ARCH).eval()
+    x = batch(21)
+    conv = model.layer2[0].conv1
+    conv.note = 1
+    with fastres.frozen(model):
+        g = _armed(model, x)
+        conv.__dict__["note"] = _Meddler(conv)
+        assert not g.holds()
+        check_eval(model, ARCH, x, what="after an attribute whose == registers a hook")
+
+
+def test_a_reordered_ordereddict_submodule_table_fails_the_guard():
+    """An OrderedDict `_modules` (as a model pickled whole by an old torch has) reordered in place: the
+    blocks run in the new order. (The C++ form does not take such a table: the Python form proves it.)"""
+    model = make(ARCH).eval()
+    x = batch(22)
+    model.layer1._modules = collections.OrderedDict(model.layer1._modules)
+
+    def reorder(m):
+        m.layer1._modules = collections.OrderedDict(m.layer1._modules)
+        m.layer1._modules.move_to_end("0")
+
+    with fastres.frozen(model):
+        with torch.no_grad():
+            for _ in range(8):
+                model(x)
+        g = plan._PLANS[model].guards.get(tuple(x.shape))
+        assert g is not None and g.hits >= 2 and g.native is None
+        model.layer1._modules.move_to_end("0")
+        assert not g.holds()
+        for i in range(4):
+            check_eval(model, ARCH, x, swaps=reorder, what=f"call {i} after the blocks were reordered")
+
+
+def test_a_nested_or_sparse_tensor_in_a_table_fails_the_guard_without_a_crash():
+    model = make(ARCH).eval()
+    x = batch(23)
+    bn, conv = model.layer2[1].bn1, model.layer3[0].conv1
+    with fastres.frozen(model):
+        g = _armed(model, x)
+        saved = bn._buffers["running_var"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # (nested tensors' prototype notice)
+            bn._buffers["running_var"] = torch.nested.nested_tensor([saved.clone()])
+        assert not g.holds()
+        bn._buffers["running_var"] = saved
+        g = _armed(model, x)
+        w = conv._parameters["weight"]
+        conv._parameters["weight"] = nn.Parameter(w.detach().to_sparse(), requires_grad=False)
+        assert not g.holds()
+        conv._parameters["weight"] = w
+        check_eval(model, ARCH, x, what="after the tables were restored")
