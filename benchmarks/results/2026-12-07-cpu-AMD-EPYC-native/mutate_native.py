@@ -16,6 +16,8 @@ M = {
  "numel": ("t.numel() != numel ||", ""),
  "dictsize": ("PyDict_GET_SIZE(d) == PyDict_GET_SIZE(snap) &&", ""),
  "keys": ("ok = ka == kb || same_value(ka, kb);", "ok = true;"),
+ "richcompare": ("  if (a == b) return true;\n  if (Py_TYPE(a) != Py_TYPE(b)) return false;", "  if (a == b) return true;\n  { int e = PyObject_RichCompareBool(a, b, Py_EQ); if (e < 0) PyErr_Clear(); return e == 1; }"),
+ "nested": ("  if (t.is_nested() || t.layout() != at::kStrided ||", "  if ("),
 }
 names = sys.argv[1:] or list(M)
 shutil.copy(SO, "/tmp/w/mut/good.so")
