@@ -80,6 +80,18 @@ def find_cuda_home():
     return next((c for c in candidates if is_toolkit(c)), None)
 
 
+def skipped(variable, mode, what, why, after=""):
+    """([], {}) for an extension that cannot be built (`why`), said; an exit when `variable` is 1."""
+    if mode == "1":
+        sys.exit(f"fastres setup: {variable}=1 but {what} cannot be built: {why}")
+    say(f"not building {what}: {why}{after}")
+    return [], {}
+
+
+def build_ext_command(build_extension):
+    return {"build_ext": build_extension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
 def cuda_extension():
     """([CUDAExtension], {"build_ext": BuildExtension}) or ([], {}) when the extension is skipped."""
     if MODE == "0":
@@ -96,10 +108,7 @@ def cuda_extension():
     if why is None and torch.version.cuda is None:
         why = f"torch {torch.__version__} is not a CUDA build"
     if why is not None:
-        if MODE == "1":
-            sys.exit(f"fastres setup: FASTRES_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
-        say(f"not building the CUDA extension: {why}")
-        return [], {}
+        return skipped("FASTRES_BUILD_CUDA", MODE, "the CUDA extension", why)
     os.environ["CUDA_HOME"] = cuda_home
     say(f"building fastres._C with the CUDA toolkit in {cuda_home}")
     archs = os.environ.get("FASTRES_CUDA_ARCHS", "80;90")
@@ -132,7 +141,7 @@ def cuda_extension():
         # approximate and flushes denormals; the kernels use fmaf and rsqrtf where they want them.
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],
                             "nvcc": ["-O3", "-std=c++17", "-lineinfo", *gencode]})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [ext], build_ext_command(BuildExtension)
 
 
 def cpu_extension():
@@ -153,13 +162,10 @@ def cpu_extension():
         if shutil.which(cxx.split()[0]) is None:
             why = f"no C++ compiler ({cxx.split()[0]} not on PATH)"
     if why is not None:
-        if CPU_MODE == "1":
-            sys.exit(f"fastres setup: FASTRES_BUILD_CPU=1 but the CPU extension cannot be built: {why}")
-        say(f"not building the CPU extension: {why} (its checks run in Python)")
-        return [], {}
+        return skipped("FASTRES_BUILD_CPU", CPU_MODE, "the CPU extension", why, " (its checks run in Python)")
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     ext = CppExtension("fastres._cpu", sources, extra_compile_args=["-O3", "-std=c++20"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [ext], build_ext_command(BuildExtension)
 
 
 class _Optional:
