@@ -38,9 +38,13 @@ was set to share memory with (``p.data = v[...]``, as torch.nn.utils.vector_to_p
 an edit of ``v``), shared memory written by another process. The context covers the thread that entered
 it, as torch.no_grad does: another thread calling the model outside a context of its own runs the
 default path on the live tensors. On exit every fold of `model` is dropped; nothing outlives the
-context (the plans of `model` and of every model in it included). Calls that need gradients of the
-weights (autograd on, parameters requiring grad), torch.compile, export and tracing take the default path
-inside the context too. Under forward-mode AD
+context (the plans of `model` and of every model in it included). A NaN or an infinity in the input,
+the weights or the statistics comes out as torchvision gives it: such an input runs each layer's ReLU as
+aten's (oneDNN's fused ReLU turns a NaN into 0), such a fold is not used (that layer runs the default
+path). What no check sees is a NaN that first arises inside the network from finite numbers (an fp32
+overflow of the activations): a fused ReLU then makes it 0, as torch.compile's freezing does. Calls
+that need gradients of the weights (autograd on, parameters requiring grad), torch.compile, export and
+tracing take the default path inside the context too. Under forward-mode AD
 the fold runs through aten's convolution, not the prepacked oneDNN one (which has no tangent formula).
 """
 from __future__ import annotations

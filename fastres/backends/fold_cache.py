@@ -19,6 +19,10 @@ the live tensors on every call. Inside the context a fold is remade when
 - a frozen() context holding its BatchNorm is entered or left (those modules' folds only: a context in
   one model, or thread, does not remake another model's folds).
 
+A fold with a NaN or an infinity in it is kept, marked, and not used: that layer runs the default path,
+so that NaN propagates as in torchvision, through aten's ReLU rather than a fused one that would make it
+0 (its callers check the mark: fastres.backends.torch, fastres.models.plan).
+
 A context covers the thread that entered it, as torch.no_grad does: another thread calling the same model
 outside any context of its own runs the default path on the live tensors (the cached entries themselves
 are shared: each is validated by the rules above wherever it is used).
@@ -159,8 +163,9 @@ def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[li
     its tensors are not one value per output channel of the conv (the default path explains that call).
     An entry: [key, folded weight, folded bias, ((what it was packed for, prepacked weight), ...) newest
     first or None, the small tensors' values it was made from, an alias of the conv weight it was folded
-    from]. The packs are replaced as one new tuple, so a thread never reads a weight packed for another
-    shape than the one stored beside it. The small tensors enter the key by dtype and device only (their
+    from, whether every folded number is finite (:func:`_finite`: a fold that is not must not be used)].
+    The packs are replaced as one new tuple, so a thread never reads a weight packed
+    for another shape than the one stored beside it. The small tensors enter the key by dtype and device only (their
     values are compared on every call: torch.equal ignores dtype); the conv weight by everything in
     :func:`state`. (It runs once per layer per call: ~10 us of Python.)"""
     slot = _FROZEN.get(bn)
@@ -183,5 +188,14 @@ def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[li
     if e is None or e[0] != key or not _same_values(e[4], small):
         w, b = fold(weight, *small, eps)
         e = slot[1] = [key, w, b, None, tuple(None if t is None else t.detach().clone() for t in small),
-                       weight.detach()]
+                       weight.detach(), _finite(w, b)]
     return e
+
+
+def _finite(w: Tensor, b: Tensor) -> bool:
+    """Whether every folded number is finite (summed in fp64, which no fp32 or fp16 value overflows: the
+    sum is finite exactly when each term is). A fold with a NaN or an infinity (from a NaN or infinite
+    weight or statistic, a negative running_var) is not used: a fused ReLU would turn the NaN it makes
+    into 0, where torchvision's ReLU keeps it, so that layer runs the default path on the live tensors
+    (fastres.backends.torch.conv_bn_act_frozen), and so do the ReLUs after it in that call."""
+    return bool(torch.isfinite(w.sum(dtype=torch.float64) + b.sum(dtype=torch.float64)))

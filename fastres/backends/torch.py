@@ -180,9 +180,11 @@ def _packed_for(packs: Optional[tuple], shape) -> Optional[Tensor]:
 def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float,
                        residual: Optional[Tensor], relu: bool) -> Optional[Tensor]:
     """Eval-mode conv_bn_act from the cached fold of (conv, bn) (and, on a CPU in fp32 with channels_last
-    data, the folded weight prepacked for oneDNN with add and ReLU as post-ops), or None when the call
-    must take the default path: autograd would need the fold's gradient, or the residual is not a
-    4-D tensor (the default path explains a bad call)."""
+    data, the folded weight prepacked for oneDNN with the add as post-op, and the ReLU too in a vouched
+    call, whose input was found finite: oneDNN's ReLU turns a NaN into 0, so elsewhere the ReLU is aten's,
+    which keeps it), or None when the call must take the default path: autograd would need the fold's
+    gradient, the fold is not finite (fold_cache._finite), or the residual is not a 4-D tensor (the
+    default path explains a bad call)."""
     if residual is not None and residual.dim() != 4:
         return None
     small = (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -191,7 +193,10 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
     entry = _entry(conv, bn, eps)
     if entry is None:
         return None
-    _, w, b, packs, _, _ = entry
+    if not entry[6]:   # a fold with a NaN or an infinity: the default path, and the rest of a vouched call
+        vouched.on = False   # unvouched, so that the NaN this layer makes meets aten's ReLUs, which keep it
+        return None
+    w, b, packs = entry[1], entry[2], entry[3]
     geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)   # (copies)
     if _onednn_usable(conv, x, residual):
         shape = (tuple(x.shape), geometry)
@@ -203,6 +208,8 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
                                                                    conv.groups, list(x.shape))
                 # one assignment of a new tuple: a reader never sees a pack beside another's shape
                 entry[3] = ((shape, packed),) + (packs or ())[:PACKS_KEPT - 1]
+            if relu and not vouched.on:   # (oneDNN's ReLU post-op makes a NaN 0: torch.relu keeps it)
+                return torch.relu_(_run_packed(x, conv, packed, b, residual, False))
             return _run_packed(x, conv, packed, b, residual, relu)
         except RuntimeError as e:  # a case this oneDNN build rejects: aten's conv
             logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
@@ -245,8 +252,8 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
             or bn.running_mean is None or bn.running_var is None:   # (no running statistics: batch statistics)
         return None
     entry = _entry(conv, bn, bn.eps)
-    packed = None if entry is None else _packed_for(entry[3], (x.shape, (conv.stride, conv.padding, conv.dilation,
-                                                                         conv.groups)))
+    packed = None if entry is None or not entry[6] else _packed_for(
+        entry[3], (x.shape, (conv.stride, conv.padding, conv.dilation, conv.groups)))
     if packed is None:
         return None
     if residual is not None and (residual.dtype is not torch.float32 or not residual.is_contiguous(memory_format=_CL)):

@@ -27,7 +27,8 @@ Never stale. A plan's constants are its own copies of the fold cache's folded we
 full check of a call: the vouched call's module checks, the structure walked again (its steps must equal
 the plan's: a swapped module, a changed stride or padding, a replaced ReLU or pool miss the plan) and
 every (conv, BN) pair asking the fold cache for its entry, which re-validates it by all the cache's rules
-(fastres/backends/fold_cache.py); the plan runs only when each entry is the very one it was built from.
+(fastres/backends/fold_cache.py); the plan runs only when each entry is the very one it was built from,
+and none is built from a fold with a NaN or an infinity (its fused ReLUs would make a NaN 0).
 Anything else runs the per-layer path, and a plan whose entries are gone is released. A call that passed
 the full check arms a guard (fastres.models.plan_guard) with which the next calls prove, in a third of
 the time, that nothing the full check read has changed (:func:`armed`); when the proof fails, the full
@@ -357,7 +358,7 @@ def body(model: nn.Module, x: Tensor, layers: Tuple[str, ...], maxpool: bool,
         mp.spent.pop(key, None)
     spent = mp.spent.setdefault(key, [0, 0.0])
     if spent[0] >= 2 and spent[1] >= PLAN_AFTER_SECONDS and builds < MAX_BUILDS \
-            and all(e is not None and e[1].dtype is torch.float32 for e in entries):
+            and all(e is not None and e[6] and e[1].dtype is torch.float32 for e in entries):
         mp.spent.pop(key, None)
         y = _guarded(mp, key, _build, mp, key, tuple(w.steps), w.pairs, entries, x.detach())
         if y is not None:
