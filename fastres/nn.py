@@ -38,6 +38,7 @@ from fastres.nn_methods import (
     bn_unpatched,
     conv_unpatched,
     frozen_bn_class,
+    functions_unpatched,
     is_frozen_bn,
 )
 from fastres.ops.bn_act import run_bn_act
@@ -307,7 +308,7 @@ def _eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor],
     :func:`fastres.frozen` the torch backend folds BatchNorm into the conv once instead
     (fastres.backends.torch.conv_bn_act_frozen)."""
     if aten_backend.frozen_active(bn) and not torch.compiler.is_compiling() and aten_reason(x) is None \
-            and backend.resolve_cached("conv_bn_act", x.device) == "torch":
+            and functions_unpatched() and backend.resolve_cached("conv_bn_act", x.device) == "torch":
         y = aten_backend.conv_bn_act_frozen(x, conv, bn, eps, residual, relu)
         if y is not None:
             backend.count("conv_bn_act", "forward", "torch")

@@ -84,7 +84,7 @@ def bn_act_aten(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
 def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     if residual is not None:
         y = y.add_(residual)
-    return torch.relu_(y) if relu else y
+    return F.relu(y, inplace=True) if relu else y   # (F.relu, as nn.ReLU calls it: a wrapper there sees it)
 
 
 def conv_bn_act_aten(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],

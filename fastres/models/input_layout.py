@@ -27,7 +27,8 @@ runs on the input as given, as torchvision would:
   on the instance, torch's own
   forwards on nn.Conv2d, nn.BatchNorm2d, nn.ReLU and nn.Linear (fastres.nn.nn_methods_unpatched), and no
   module hook anywhere: a hook or a user's own code (a swapped head, a replaced activation, a patched
-  forward) sees exactly the tensors torchvision would give it;
+  forward) sees exactly the tensors torchvision would give it; F.conv2d, F.batch_norm and F.relu torch's
+  own (fastres.nn_methods.functions_unpatched: a wrapper there sees the calls torchvision makes);
 * the torch backend chosen for conv_bn_act on the CPU;
 * no NaN and no infinity in the input: a vouched call fuses each ReLU into its convolution as oneDNN's
   post-op, which turns a NaN into 0 where torch.relu keeps it; an unvouched call's ReLUs are aten's, so
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
-from fastres.nn_methods import nn_methods_unpatched, own_method
+from fastres.nn_methods import functions_unpatched, nn_methods_unpatched, own_method
 from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor
@@ -130,7 +131,7 @@ def call_ok(model: nn.Module, x) -> bool:
     # (not traced by torch.compile; outside frozen() the stem's fold test answers, in a dict lookup; the
     # context before the tensor: vmap rejects some queries)
     if torch.compiler.is_compiling() or not _stem_frozen(model) or model.training or not _context_ok() \
-            or not _tensor_ok(x) or not nn_methods_unpatched():
+            or not _tensor_ok(x) or not nn_methods_unpatched() or not functions_unpatched():
         return False
     try:
         if backend.resolve_cached("conv_bn_act", x.device) != "torch":

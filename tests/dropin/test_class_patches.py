@@ -7,16 +7,20 @@ those run torch's own code (fastres.nn_methods.own_method, read at import and ch
 the modules of that class run as themselves, by default and inside fastres.frozen, and the model gives what
 torchvision gives under the same patch. (Found by a user-style probe: the fused path had skipped them.)
 """
+import contextlib
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from numerics import assert_as_good
 from workflow_helpers import batch, make, twin_of
 
 import fastres
-from fastres.nn_methods import nn_methods_unpatched, own_method
+from fastres import nn_methods
+from fastres.nn_methods import functions_unpatched, nn_methods_unpatched, own_method
 
 
 def _patches():
@@ -106,3 +110,72 @@ def test_a_forward_set_on_one_module_runs_as_in_torchvision(patch, frozen):
         ref = tv(x)
         oracle = tv64(x.double())
     assert_as_good(got, ref, oracle, f"{patch} set on the instance")
+
+
+def _function_wrappers():
+    conv2d, batch_norm, relu = F.conv2d, F.batch_norm, F.relu
+
+    @functools.wraps(relu)
+    def relu_wrapped(input, inplace=False):   # (looks like torch's own but for __wrapped__)
+        return relu(input, inplace=inplace).clamp(max=0.7)
+
+    return {
+        "F.conv2d": ("conv2d", lambda *a, **k: conv2d(*a, **k) * 1.01 + 0.01),
+        "F.batch_norm": ("batch_norm", lambda *a, **k: batch_norm(*a, **k).tanh()),
+        "F.relu (functools.wraps)": ("relu", relu_wrapped),
+    }
+
+
+@pytest.mark.parametrize("frozen", ["default", "frozen", "frozen, wrapped inside"])
+@pytest.mark.parametrize("kind", ["fused", "converted"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("target", list(_function_wrappers()))
+def test_a_wrapped_functional_sees_the_calls_torchvision_makes(target, fmt, kind, frozen, monkeypatch):
+    """F.conv2d / F.batch_norm / F.relu wrapped (a tool's or a user's wrapper, changing the values here):
+    the model gives what torchvision gives under the same wrapper, and the wrapper is called as often,
+    by default and inside fastres.frozen (past the calls that would build a plan), wrapped before the
+    context or inside it once folds, packs and a plan exist. (Found by a user-style probe: the fused
+    block's ReLU skipped F.relu; frozen's folds skipped all three.)"""
+    monkeypatch.setattr(fastres.models.plan, "PLAN_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(fastres.models.plan, "builds", 0)
+    model = make("basic", kind).eval()
+    tv = twin_of(model, "basic").eval()
+    x = batch(2, fmt)
+    name, wrapper = _function_wrappers()[target]
+    calls = [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return wrapper(*a, **k)
+
+    inside = frozen == "frozen, wrapped inside"
+    with torch.no_grad(), fastres.frozen(model) if inside else contextlib.nullcontext():
+        for _ in range(6):
+            clean = model(x)
+        monkeypatch.setattr(F, name, counted)
+        assert not functions_unpatched()
+        ref = tv(x)
+        want = calls[0]
+        oracle = copy.deepcopy(tv).double()(x.double())
+        with fastres.frozen(model) if frozen == "frozen" else contextlib.nullcontext():
+            for _ in range(5):
+                calls[0] = 0
+                got = model(x)
+                assert calls[0] == want, f"{target} called {calls[0]} times, torchvision {want}"
+    assert (ref - clean).abs().max() > 1e-2 * clean.abs().max()   # (the wrapper changes the answer)
+    assert_as_good(got, ref, oracle, f"{target}, {kind}, {frozen}")
+    monkeypatch.undo()
+    assert functions_unpatched()
+
+
+def test_a_functional_wrapped_before_import_is_not_torchs_own(monkeypatch):
+    """A wrapper made before fastres looked (functools.wraps copies the name and module) is known by its
+    __wrapped__; another function under the name by where it was defined; F.conv2d must be the builtin."""
+    for name in ("conv2d", "batch_norm", "relu"):
+        assert nn_methods._own_function(name) is getattr(F, name)
+        orig = getattr(F, name)
+        monkeypatch.setattr(F, name, functools.wraps(orig)(lambda *a, _o=orig, **k: _o(*a, **k)))
+        assert nn_methods._own_function(name) is None
+        monkeypatch.setattr(F, name, lambda *a, _o=orig, **k: _o(*a, **k))
+        assert nn_methods._own_function(name) is None
+        monkeypatch.undo()
