@@ -157,10 +157,14 @@ def _tensors(conv: torch.nn.Module, bn: torch.nn.Module):
     return conv.weight, (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
+_REDUCED = (torch.float16, torch.bfloat16)   # (whose BatchNorm takes fp32 parameters and statistics too)
+
+
 def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[list]:
     """The cached fold of (conv, bn), remade first if anything it was made from changed (the rules above),
     or None when no active frozen() context of this thread holds `bn`, or it has no running statistics, or
-    its tensors are not one value per output channel of the conv (the default path explains that call).
+    its tensors are not one value per output channel of the conv in the conv weight's dtype (or fp32 for an
+    fp16 / bf16 weight), as nn.BatchNorm2d takes them (the default path explains that call).
     An entry: [key, folded weight, folded bias, ((what it was packed for, prepacked weight), ...) newest
     first or None, the small tensors' values it was made from, an alias of the conv weight it was folded
     from, whether every folded number is finite (:func:`_finite`: a fold that is not must not be used)].
@@ -176,11 +180,12 @@ def entry(conv: torch.nn.Conv2d, bn: torch.nn.Module, eps: float) -> Optional[li
         return None
     c = (weight.shape[0],)
     kinds = []
+    wd = weight.dtype
     for t in small:
         if t is None:
             kinds.append(None)
-        elif t.shape != c:
-            return None
+        elif t.shape != c or (t.dtype is not wd and not (t.dtype is torch.float32 and wd in _REDUCED)):
+            return None   # (another dtype: BatchNorm's own error, from the default path)
         else:
             kinds.append((t.dtype, t.device))
     key = (generation, state(weight), tuple(kinds), eps, torch.is_inference_mode_enabled())

@@ -123,7 +123,27 @@ def _onednn_available() -> bool:
 onednn_enabled = None
 
 
-def _onednn_usable(conv: torch.nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:
+def _two(v) -> Optional[Tuple[int, int]]:
+    """A 2-D geometry argument as F.conv2d reads it (an int for both sides, a tuple or list of two ints)
+    as a tuple of two ints, or None (a float, a string padding, another length)."""
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
+    if type(v) is int:
+        return (v, v)
+    if type(v) is list and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return (v[0], v[1])
+    return None
+
+
+def geometry(conv: torch.nn.Module) -> Optional[tuple]:
+    """`conv`'s (stride, padding, dilation, groups) as it holds them now, each 2-D one a tuple of two ints
+    (a user may set ``conv.stride = 1``: F.conv2d takes it), or None when one is not a geometry F.conv2d
+    takes as such (the frozen paths decline: the default path runs, or raises what torchvision raises)."""
+    s, p, d, g = _two(conv.stride), _two(conv.padding), _two(conv.dilation), conv.groups
+    return None if s is None or p is None or d is None or type(g) is not int else (s, p, d, g)
+
+
+def _onednn_usable(conv: torch.nn.Conv2d, x: Tensor, residual: Optional[Tensor], geom: tuple) -> bool:
     global onednn_enabled
     if onednn_enabled is None:
         onednn_enabled = _onednn_available()
@@ -136,7 +156,7 @@ def _onednn_usable(conv: torch.nn.Conv2d, x: Tensor, residual: Optional[Tensor])
         return False
     if residual is None:
         return True
-    out = conv_out_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+    out = conv_out_shape(x.shape, conv.weight.shape, *geom[:3])
     return (residual.dtype == x.dtype and list(residual.shape) == out
             and residual.is_contiguous(memory_format=memory_format_of(x)))
 
@@ -152,10 +172,10 @@ def conv_bn_act_onednn(x: Tensor, packed: Tensor, bias: Tensor, residual: Option
     return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "relu" if relu else "none", [], "")
 
 
-def _run_packed(x: Tensor, conv: torch.nn.Conv2d, packed: Tensor, bias: Tensor, residual: Optional[Tensor],
+def _run_packed(x: Tensor, geom: tuple, packed: Tensor, bias: Tensor, residual: Optional[Tensor],
                 relu: bool) -> Tensor:
-    """:func:`conv_bn_act_onednn` with `conv`'s geometry on channels_last `x`, the output channels_last."""
-    y = conv_bn_act_onednn(x, packed, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
+    """:func:`conv_bn_act_onednn` with a conv's :func:`geometry` on channels_last `x`, the output channels_last."""
+    y = conv_bn_act_onednn(x, packed, bias, residual, *geom, relu)
     return y if y.is_contiguous(memory_format=torch.channels_last) else y.contiguous(memory_format=torch.channels_last)
 
 
@@ -197,28 +217,29 @@ def conv_bn_act_frozen(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.Module, ep
         vouched.on = False   # unvouched, so that the NaN this layer makes meets aten's ReLUs, which keep it
         return None
     w, b, packs = entry[1], entry[2], entry[3]
-    geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)   # (copies)
-    if _onednn_usable(conv, x, residual):
-        shape = (tuple(x.shape), geometry)
+    geom = geometry(conv)   # (new tuples, or the module's own: tuples are immutable)
+    if geom is None:
+        return None
+    stride, padding, dilation, groups = geom
+    if _onednn_usable(conv, x, residual, geom):
+        shape = (tuple(x.shape), geom)
         try:
             packed = _packed_for(packs, shape)
             if packed is None:
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(conv.padding),
-                                                                   list(conv.stride), list(conv.dilation),
-                                                                   conv.groups, list(x.shape))
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(padding), list(stride),
+                                                                   list(dilation), groups, list(x.shape))
                 # one assignment of a new tuple: a reader never sees a pack beside another's shape
                 entry[3] = ((shape, packed),) + (packs or ())[:PACKS_KEPT - 1]
             if relu and not vouched.on:   # (oneDNN's ReLU post-op makes a NaN 0: torch.relu keeps it)
-                return torch.relu_(_run_packed(x, conv, packed, b, residual, False))
-            return _run_packed(x, conv, packed, b, residual, relu)
+                return torch.relu_(_run_packed(x, geom, packed, b, residual, False))
+            return _run_packed(x, geom, packed, b, residual, relu)
         except RuntimeError as e:  # a case this oneDNN build rejects: aten's conv
             logging.getLogger("fastres").debug("fastres: oneDNN inference path declined (%s); using aten's conv", e)
-    out = conv_out_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+    out = conv_out_shape(x.shape, conv.weight.shape, stride, padding, dilation)
     if residual is not None and list(residual.shape) != out:
         return None   # broadcast by the add: a bad call, which the default path explains
     try:
-        return conv_bn_act_folded(x, w, b, residual, list(conv.stride), list(conv.padding), list(conv.dilation),
-                                  conv.groups, relu)
+        return conv_bn_act_folded(x, w, b, residual, list(stride), list(padding), list(dilation), groups, relu)
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None   # a bad call: the default path raises the error that explains it
 
@@ -252,19 +273,19 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
             or bn.running_mean is None or bn.running_var is None:   # (no running statistics: batch statistics)
         return None
     entry = _entry(conv, bn, bn.eps)
-    packed = None if entry is None or not entry[6] else _packed_for(
-        entry[3], (x.shape, (conv.stride, conv.padding, conv.dilation, conv.groups)))
+    geom = geometry(conv)
+    packed = None if entry is None or not entry[6] or geom is None else _packed_for(entry[3], (x.shape, geom))
     if packed is None:
         return None
     if residual is not None and (residual.dtype is not torch.float32 or not residual.is_contiguous(memory_format=_CL)):
         return None
     try:
-        if residual is not None and _writable(residual, x, conv):
+        if residual is not None and _writable(residual, x, conv, geom):
             # the add written into the residual itself: one buffer fewer, and the stage's trunk stays in cache
             return torch.ops.mkldnn._convolution_pointwise_.binary(
-                residual, x, packed, entry[2], conv.padding, conv.stride, conv.dilation, conv.groups, "add", None,
+                residual, x, packed, entry[2], geom[1], geom[0], geom[2], geom[3], "add", None,
                 "relu" if relu else None, [], "")
-        y = _run_packed(x, conv, packed, entry[2], residual, relu)
+        y = _run_packed(x, geom, packed, entry[2], residual, relu)
     except RuntimeError:
         return None
     if residual is not None and y.shape != residual.shape:
@@ -272,7 +293,7 @@ def conv_bn_act_vouched(x: Tensor, conv: torch.nn.Module, bn: torch.nn.Module, r
     return y
 
 
-def _writable(residual: Tensor, x: Tensor, conv: torch.nn.Module) -> bool:
+def _writable(residual: Tensor, x: Tensor, conv: torch.nn.Module, geom: tuple) -> bool:
     """Whether a vouched call may write a block's output into its residual: a tensor of the output's very
     shape made inside this call (not a view, not one of the tensors the call was given, not the conv's
     input). Inside a vouched call every module is one whose code fastres knows and nothing is hooked, so
@@ -282,8 +303,7 @@ def _writable(residual: Tensor, x: Tensor, conv: torch.nn.Module) -> bool:
         return False
     p = residual.data_ptr()
     return (p != x.data_ptr() and p not in vouched.kept
-            and list(residual.shape) == conv_out_shape(x.shape, conv.weight.shape, conv.stride, conv.padding,
-                                                       conv.dilation))
+            and list(residual.shape) == conv_out_shape(x.shape, conv.weight.shape, *geom[:3]))
 
 
 # Heads with fewer weights run aten's F.linear: oneDNN's op costs ~12 us per call before any work, and

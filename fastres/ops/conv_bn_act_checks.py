@@ -38,9 +38,20 @@ def _pair(v: IntPair, name: str) -> List[int]:
     if isinstance(v, int):
         return [v, v]
     v = list(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+    if not all(isinstance(i, int) for i in v):   # (a float: the TypeError F.conv2d raises too)
+        raise TypeError(f"conv_bn_act: {name} must be an int or a pair of ints, got {v!r}")
+    if len(v) != 2:
         raise ValueError(f"conv_bn_act: {name} must be an int or a pair of ints, got {v!r}")
     return v
+
+
+def _key(v):
+    """`v` as the spec cache's key: an int or a tuple of ints as given, else None (uncached). Elements'
+    types matter: (1.0, 1.0) == (1, 1) with the same hash, so a float stride would find an int's spec."""
+    if type(v) is int:
+        return v
+    t = tuple(v)
+    return t if len(t) == 2 and type(t[0]) is int and type(t[1]) is int else None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -55,11 +66,12 @@ def conv_spec(stride: IntPair, padding: IntPair, dilation: IntPair, groups: int)
     if torch.compiler.is_compiling():
         return _spec.__wrapped__(stride, padding, dilation, groups)
     try:
-        return _spec(stride if isinstance(stride, int) else tuple(stride),
-                     padding if isinstance(padding, int) else tuple(padding),
-                     dilation if isinstance(dilation, int) else tuple(dilation), groups)
-    except TypeError:   # an unhashable element: checked (and rejected) without the cache
+        s, p, d = _key(stride), _key(padding), _key(dilation)
+    except TypeError:   # not a sequence: checked (and rejected) without the cache
+        s = None
+    if s is None or p is None or d is None or type(groups) is not int:
         return _spec.__wrapped__(stride, padding, dilation, groups)
+    return _spec(s, p, d, groups)
 
 
 def _check(x: Tensor, weight: Tensor, bias, bn: BNSpec, residual, conv: ConvSpec) -> None:

@@ -228,8 +228,8 @@ def writes(monkeypatch):
     seen = []
     real = aten_backend._writable
 
-    def spy(residual, x, conv):
-        seen.append(real(residual, x, conv))
+    def spy(residual, x, conv, geom):
+        seen.append(real(residual, x, conv, geom))
         return seen[-1]
 
     monkeypatch.setattr(aten_backend, "_writable", spy)
