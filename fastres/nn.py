@@ -174,8 +174,10 @@ def _unfused(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tenso
 
 def is_plain_relu(m: object) -> bool:
     """Whether `m` is a ReLU a fused op may stand in for: nn.ReLU's own forward, no hooks. Blocks check
-    it on every call, so a ReLU swapped for another activation (SiLU, GELU, LeakyReLU ...) runs as itself."""
-    return isinstance(m, nn.Module) and type(m).forward is RELU_FORWARD is not None and not module_hooked(m)
+    it on every call, so a ReLU swapped for another activation (SiLU, GELU, LeakyReLU ...) runs as itself,
+    and so does one whose forward could not run (its `inplace` deleted: nn.ReLU's AttributeError)."""
+    return isinstance(m, nn.Module) and type(m).forward is RELU_FORWARD is not None and not module_hooked(m) \
+        and "inplace" in m.__dict__
 
 
 def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,

@@ -91,3 +91,24 @@ def test_statistics_in_another_dtype_raise_as_in_torchvision(which, dtype, froze
         else:
             setattr(bn, which, t.to(dtype))
     _raises_like(model, tv, batch(2, CL), frozen)
+
+
+@pytest.mark.parametrize("where", ["default", "frozen plan"])
+@pytest.mark.parametrize("which", ["relu", "layer1.0.relu", "layer3.1.relu"])
+def test_a_relu_without_its_inplace_raises_as_in_torchvision(which, where, monkeypatch):
+    """nn.ReLU's forward reads self.inplace: deleted, torchvision raises AttributeError; so must the model
+    (the fused ReLU does not read it), also once a plan is live."""
+    monkeypatch.setattr(plan, "PLAN_AFTER_SECONDS", 0.0)
+    model = make("basic").eval()
+    tv = twin_of(model, "basic").eval()
+    x = batch(2)
+    with torch.no_grad(), fastres.frozen(model) if where != "default" else torch.no_grad():
+        for _ in range(6):
+            model(x)
+        for m in (model, tv):
+            del m.get_submodule(which).inplace
+        with pytest.raises(AttributeError):
+            tv(x)
+        for _ in range(2):
+            with pytest.raises(AttributeError, match="inplace"):
+                model(x)
