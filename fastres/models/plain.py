@@ -10,7 +10,7 @@ import torch.nn as nn
 Tensor = torch.Tensor
 
 __all__ = ["basic_block_plain_forward", "bottleneck_plain_forward", "resnet_plain_forward", "plain_block_forward",
-           "tv_basic_block_forward", "tv_bottleneck_forward"]
+           "tv_basic_block_forward", "tv_bottleneck_forward", "has_shortcut_option"]
 
 
 def basic_block_plain_forward(self, x: Tensor) -> Tensor:
@@ -48,15 +48,22 @@ def resnet_plain_forward(self, x: Tensor) -> Tensor:
     return self.fc(x)
 
 
+def has_shortcut_option(block: nn.Module) -> bool:
+    """Whether `block` is one of fastres's own blocks (their class says so), whose `shortcut` attribute is
+    the paper's option (None: a plain block, no add). A converted torchvision block always adds its
+    identity, as torchvision's forward does, whatever attribute a user sets on it."""
+    return getattr(type(block), "SHORTCUT_OPTION", False) is True
+
+
 def plain_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     """torchvision's BasicBlock / Bottleneck forward, module by module (torchvision's own blocks, which
-    have no `shortcut` attribute, always add theirs)."""
-    if not hasattr(block, "shortcut"):
+    have no shortcut option, always add theirs)."""
+    if not has_shortcut_option(block):
         return type(block).__mro__[1].forward(block, x)   # a converted torchvision block: its base's forward
     return (bottleneck_plain_forward if hasattr(block, "conv3") else basic_block_plain_forward)(block, x)
 
 
-# A converted torchvision block has no `shortcut` attribute (it always adds its identity): what
+# A converted torchvision block has no shortcut option (it always adds its identity): what
 # TorchScript compiles for one (fastres.convert.torchvision), module by module.
 def tv_basic_block_forward(self, x: Tensor) -> Tensor:
     identity = x

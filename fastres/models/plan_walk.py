@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from fastres.models.plain import has_shortcut_option
 from fastres.nn import is_plain_relu
 from fastres.nn_methods import own_method
 
@@ -94,7 +95,7 @@ class Walk:
         if kind not in ("basic", "bottleneck") or not is_plain_relu(mods.get("relu")):
             raise NoPlan
         res = -1
-        if getattr(blk, "shortcut", "B") is not None:   # (converted torchvision blocks always add)
+        if not (has_shortcut_option(blk) and blk.shortcut is None):   # (converted torchvision blocks always add)
             ds = mods.get("downsample", blk.__dict__.get("downsample"))
             if ds is None:
                 res = src

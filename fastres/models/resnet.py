@@ -10,13 +10,11 @@ Shortcuts (the paper's options, section 3.3 and 4.1):
   ``downsample.0`` / ``downsample.1``) only where the shape changes.
 * ``"A"``: parameter-free: identity, or, where the shape changes, the input subsampled by the stride
   and zero-padded with the new channels (:class:`ZeroPadShortcut`, stored as ``downsample``).
-* ``"C"``: a projection on every block.
-* ``None``: no shortcut at all: the paper's plain networks.
+* ``"C"``: a projection on every block. ``None``: no shortcut at all: the paper's plain networks.
 
-``norm_layer``: a BatchNorm2d-like layer (nn.BatchNorm2d, nn.SyncBatchNorm, or a factory returning
-them) runs fused. Any other normalisation (for example ``lambda c: nn.GroupNorm(32, c)``) is accepted
-and runs unfused, conv then norm, through conv_bn_act_modules' documented fallback (counted in
-fastres.backend.calls as ("conv_bn_act", "forward", "unfused")).
+``norm_layer``: a BatchNorm2d-like layer (nn.BatchNorm2d, nn.SyncBatchNorm, or a factory returning them)
+runs fused. Any other normalisation (``lambda c: nn.GroupNorm(32, c)``) runs unfused, conv then norm,
+through conv_bn_act_modules' fallback (fastres.backend.calls: ("conv_bn_act", "forward", "unfused")).
 """
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ from fastres.models.input_layout import allow, features, head, inference_call, v
 from fastres.models.plain import (
     basic_block_plain_forward,
     bottleneck_plain_forward,
+    has_shortcut_option,
     plain_block_forward,
     resnet_plain_forward,
 )
@@ -49,9 +48,8 @@ Tensor = torch.Tensor
 __all__ = [
     "SHORTCUTS", "ZeroPadShortcut", "BasicBlock", "Bottleneck", "FusedResNet", "make_shortcut",
     "FusedResNet18", "FusedResNet34", "FusedResNet50", "FusedResNet101", "FusedResNet152",
-    "FusedResNeXt50_32x4d", "FusedResNeXt101_32x8d", "FusedWideResNet50_2", "FusedWideResNet101_2",
-    "plain18", "plain34",
-]
+    "FusedResNeXt50_32x4d", "FusedResNeXt101_32x8d", "FusedWideResNet50_2", "FusedWideResNet101_2", "plain18",
+    "plain34"]
 
 SHORTCUTS = ("A", "B", "C", None)
 
@@ -114,7 +112,7 @@ def _is_conv_bn(m: nn.Module) -> bool:
 def shortcut_of(block: nn.Module, x: Tensor) -> Optional[Tensor]:
     """The residual a block adds: None for a plain block, x for identity, else downsample(x) (fused
     when the downsample is Sequential(conv, bn))."""
-    if getattr(block, "shortcut", "B") is None:
+    if has_shortcut_option(block) and block.shortcut is None:
         return None
     ds = block.downsample
     if ds is None:
@@ -141,6 +139,7 @@ class BasicBlock(nn.Module):
     """
 
     expansion: int = 1
+    SHORTCUT_OPTION = True   # (its `shortcut` is the paper's option: fastres.models.plain.has_shortcut_option)
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
@@ -205,6 +204,7 @@ class Bottleneck(nn.Module):
     all three fused, the residual added in the third."""
 
     expansion: int = 4
+    SHORTCUT_OPTION = True
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,

@@ -112,3 +112,21 @@ def test_a_relu_without_its_inplace_raises_as_in_torchvision(which, where, monke
         for _ in range(2):
             with pytest.raises(AttributeError, match="inplace"):
                 model(x)
+
+
+@pytest.mark.parametrize("where", ["default", "frozen plan"])
+def test_a_shortcut_attribute_on_a_converted_block_is_just_an_attribute(where, monkeypatch):
+    """fastres's own blocks read `shortcut` as the paper's option (None: a plain block); a converted
+    torchvision block has no such option and adds its identity whatever a user stores under that name."""
+    monkeypatch.setattr(plan, "PLAN_AFTER_SECONDS", 0.0)
+    model = make("basic", "converted").eval()
+    x = batch(2)
+    for name in ("layer1.0", "layer2.1", "layer3.0"):
+        model.get_submodule(name).shortcut = None
+    with torch.no_grad(), fastres.frozen(model) if where != "default" else torch.no_grad():
+        got = [model(x) for _ in range(5)]
+    tv = twin_of(model, "basic").eval()
+    with torch.no_grad():
+        ref, oracle = tv(x), copy.deepcopy(tv).double()(x.double())
+    for i, g in enumerate(got):
+        assert_as_good(g, ref, oracle, f"{where}, call {i}")
