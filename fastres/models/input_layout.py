@@ -17,7 +17,8 @@ runs on the input as given, as torchvision would:
 
 * a CPU float32 tensor (exactly torch.Tensor, no subclass such as a FakeTensor), 4-D, NCHW-contiguous
   (converted) or channels_last (kept);
-* inference: the model and every submodule in eval mode, gradients off (torch.no_grad /
+* inference: the model and every submodule in eval mode (but those whose forward never reads it: convs,
+  ReLUs, pools, Linear, Identity, Flatten, Sequential), gradients off (torch.no_grad /
   torch.inference_mode) and no forward-mode AD level open, so no gradient or tangent comes back in
   another layout (or is lost); no autocast;
 * not traced or transformed: not torch.compile / torch.export, torch.jit.trace, torch.fx, torch.func;
@@ -65,6 +66,12 @@ __all__ = ["allow", "call_ok", "features", "head", "inference_call", "inference_
 _ALLOWED: Set[type] = {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear,
                        nn.Sequential, nn.Identity, nn.Dropout, nn.Flatten, FusedConvBN2d, FusedConvBNReLU2d}
 
+# Classes whose forward (torch's own: the nn methods are checked, the rest have no training branch) never
+# reads `training`: a module of these left in train mode (an nn.Identity head set after model.eval(), as
+# feature extractors do) changes nothing and is no reason to give up the vouched call.
+_TRAINING_FREE: Set[type] = {nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.Sequential,
+                             nn.Identity, nn.Flatten}
+
 _mm = torch.nn.modules.module  # where the global module hooks live
 _vouched = aten_backend.vouched
 
@@ -101,7 +108,8 @@ def _modules_ok(model: nn.Module) -> bool:
     stack = [model]
     while stack:
         m = stack.pop()
-        if (m is not model and (type(m) not in allowed or m.training or "forward" in m.__dict__
+        if (m is not model and (type(m) not in allowed or (m.training and type(m) not in _TRAINING_FREE)
+                                or "forward" in m.__dict__
                                 or "_conv_forward" in m.__dict__)) \
                 or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return False

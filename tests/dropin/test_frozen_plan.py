@@ -338,3 +338,25 @@ def test_the_onednn_switches_turn_plans_off(runs, monkeypatch):
         _calls(model, x, 3)
         assert runs["plan"] == n
         check_eval(model, "basic", x)
+
+
+@pytest.mark.parametrize("head", ["identity", "linear", "sequential"])
+def test_a_head_swapped_after_eval_still_runs_the_plan(head, runs):
+    """Feature extractors set ``model.fc = nn.Identity()`` after ``model.eval()``: the new module is in
+    train mode, which its forward never reads (no reason to give up the plan: it never went live); a
+    train-mode Dropout still does (its forward reads it)."""
+    model = make("basic").eval()
+    model.fc = {"identity": nn.Identity(), "linear": nn.Linear(512, 7),
+                "sequential": nn.Sequential(nn.Flatten(), nn.Identity())}[head]
+    assert model.fc.training
+    x = batch(2)
+    with fastres.frozen(model):
+        _calls(model, x)
+        assert runs["plan"] == 3
+        check_eval(model, "basic", x, swaps=lambda tv: setattr(tv, "fc", copy.deepcopy(model.fc)),
+                   what=f"{head} head in train mode")
+        model.fc = nn.Sequential(model.fc, nn.Dropout(0.5))
+        before = runs["plan"]
+        y = _calls(model, x, 3)
+    assert runs["plan"] == before
+    assert model.training is False and y.shape[0] == x.shape[0]
