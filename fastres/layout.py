@@ -6,7 +6,7 @@ in fastres.backends and by the oracle, fastres/ops/reference.py.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,7 +14,7 @@ from fastres.kernels.shapes import conv_out_hw
 
 Tensor = torch.Tensor
 
-__all__ = ["memory_format_of", "conv_out_shape", "pack_relu_mask", "unpack_relu_mask", "stats_dtype"]
+__all__ = ["memory_format_of", "conv_out_shape", "int_pair", "pack_relu_mask", "unpack_relu_mask", "stats_dtype"]
 
 
 def memory_format_of(t: Tensor) -> torch.memory_format:
@@ -22,6 +22,19 @@ def memory_format_of(t: Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def int_pair(v) -> Optional[Tuple[int, int]]:
+    """A 2-D geometry argument as F.conv2d reads it (an int for both sides, a tuple or list of two ints)
+    as a tuple of two ints, or None (a float, a string padding, another length). Exact ints: (1.0, 1.0)
+    equals (1, 1) and hashes alike, but F.conv2d rejects it."""
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
+    if type(v) is int:
+        return (v, v)
+    if type(v) is list and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return (v[0], v[1])
+    return None
 
 
 def conv_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int],

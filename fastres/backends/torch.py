@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fastres.backends.fold_cache import entry as _entry
 from fastres.backends.fold_cache import fold, freeze, frozen_active, refresh, thaw
 from fastres.errors import InputShapeError
-from fastres.layout import conv_out_shape, memory_format_of
+from fastres.layout import conv_out_shape, int_pair, memory_format_of
 from fastres.ops.reference import bn_act_backward, bn_act_forward, conv_bn_act_backward, conv_bn_act_forward
 
 Tensor = torch.Tensor
@@ -123,23 +123,11 @@ def _onednn_available() -> bool:
 onednn_enabled = None
 
 
-def _two(v) -> Optional[Tuple[int, int]]:
-    """A 2-D geometry argument as F.conv2d reads it (an int for both sides, a tuple or list of two ints)
-    as a tuple of two ints, or None (a float, a string padding, another length)."""
-    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
-        return v
-    if type(v) is int:
-        return (v, v)
-    if type(v) is list and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
-        return (v[0], v[1])
-    return None
-
-
 def geometry(conv: torch.nn.Module) -> Optional[tuple]:
     """`conv`'s (stride, padding, dilation, groups) as it holds them now, each 2-D one a tuple of two ints
     (a user may set ``conv.stride = 1``: F.conv2d takes it), or None when one is not a geometry F.conv2d
     takes as such (the frozen paths decline: the default path runs, or raises what torchvision raises)."""
-    s, p, d, g = _two(conv.stride), _two(conv.padding), _two(conv.dilation), conv.groups
+    s, p, d, g = int_pair(conv.stride), int_pair(conv.padding), int_pair(conv.dilation), conv.groups
     return None if s is None or p is None or d is None or type(g) is not int else (s, p, d, g)
 
 

@@ -10,7 +10,7 @@ from typing import List, NamedTuple, Sequence, Union
 import torch
 
 from fastres.errors import InputDtypeError, InputShapeError, dtype_error
-from fastres.layout import conv_out_shape
+from fastres.layout import conv_out_shape, int_pair
 from fastres.ops.common import BNSpec
 
 Tensor = torch.Tensor
@@ -45,15 +45,6 @@ def _pair(v: IntPair, name: str) -> List[int]:
     return v
 
 
-def _key(v):
-    """`v` as the spec cache's key: an int or a tuple of ints as given, else None (uncached). Elements'
-    types matter: (1.0, 1.0) == (1, 1) with the same hash, so a float stride would find an int's spec."""
-    if type(v) is int:
-        return v
-    t = tuple(v)
-    return t if len(t) == 2 and type(t[0]) is int and type(t[1]) is int else None
-
-
 @functools.lru_cache(maxsize=1024)
 def _spec(stride, padding, dilation, groups) -> ConvSpec:
     return ConvSpec(_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups)
@@ -65,10 +56,8 @@ def conv_spec(stride: IntPair, padding: IntPair, dilation: IntPair, groups: int)
     (Under torch.compile the function itself: dynamo warns about, and ignores, an lru_cache.)"""
     if torch.compiler.is_compiling():
         return _spec.__wrapped__(stride, padding, dilation, groups)
-    try:
-        s, p, d = _key(stride), _key(padding), _key(dilation)
-    except TypeError:   # not a sequence: checked (and rejected) without the cache
-        s = None
+    # the cache's key: exact ints only ((1.0, 1.0) == (1, 1), same hash); anything else checked uncached
+    s, p, d = int_pair(stride), int_pair(padding), int_pair(dilation)
     if s is None or p is None or d is None or type(groups) is not int:
         return _spec.__wrapped__(stride, padding, dilation, groups)
     return _spec(s, p, d, groups)
