@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["own_method", "conv_unpatched", "bn_unpatched", "nn_methods_unpatched", "functions_unpatched",
-           "frozen_bn_class", "is_frozen_bn", "CONV_FORWARD", "CONV_CONV_FORWARD", "BN_FORWARDS", "RELU_FORWARD"]
+           "frozen_bn_class", "is_frozen_bn", "F_CONV2D", "F_BATCH_NORM", "F_RELU",
+           "CONV_FORWARD", "CONV_CONV_FORWARD", "BN_FORWARDS", "RELU_FORWARD"]
 
 
 def own_method(cls: type, name: str):
@@ -61,6 +62,7 @@ def _own_function(name: str):
 # What torchvision's modules call (nn.Conv2d -> F.conv2d, nn.BatchNorm2d -> F.batch_norm, nn.ReLU -> F.relu),
 # as torch has them (None where not recognisable: a wrapper made before fastres was imported).
 _FUNCTIONS = tuple((name, _own_function(name)) for name in ("conv2d", "batch_norm", "relu"))
+F_CONV2D, F_BATCH_NORM, F_RELU = (fn for _, fn in _FUNCTIONS)   # (None: not recognisable)
 _frozen_forward: list = []   # [torchvision's FrozenBatchNorm2d.forward], read when a frozen BN is first seen
 
 

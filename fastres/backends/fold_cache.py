@@ -65,6 +65,9 @@ def fold(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn
 
 # BatchNorm module -> [number of active frozen() contexts holding it, in any thread; cache entry or None].
 _FROZEN: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+# Empty while no frozen() context holds any BatchNorm, in any thread: a test without a call on the default
+# path (the mapping's own table; a dead module's entry may linger there: frozen_active then answers).
+holding = _FROZEN.data
 
 
 class _Held(threading.local):
@@ -126,7 +129,7 @@ def refresh() -> None:
 
 def frozen_active(bn: torch.nn.Module) -> bool:
     """Whether a frozen() context of this thread holds `bn`."""
-    return bool(_FROZEN) and bn in _held.bns
+    return bool(holding) and bn in _held.bns
 
 
 def state(t: Tensor):

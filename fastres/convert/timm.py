@@ -88,7 +88,7 @@ def _last_stage(block: nn.Module, x: Tensor, shortcut: Tensor, conv: nn.Module, 
                 act: nn.Module) -> Tensor:
     """timm's block tail: conv, bn, se, drop_path, shortcut = downsample(shortcut), x += shortcut, act."""
     # (the downsample runs before the fused pair only where nothing between draws random numbers:
-    # fastres.models.resnet._last_stage)
+    # fastres.models.block_forward._last_stage)
     if _passes_through(block.se) and _passes_through(block.drop_path) and is_plain_relu(act) \
             and draws_nothing(conv, bn):
         return conv_bn_act_modules(x, conv, bn, residual=_shortcut(block.downsample, shortcut), relu=True)

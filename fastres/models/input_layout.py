@@ -55,6 +55,8 @@ import torch.nn.functional as F
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
+from fastres.module_calls import tracing_modules
+from fastres.module_calls import untraced as _untraced
 from fastres.nn import FusedConvBN2d, FusedConvBNReLU2d
 from fastres.nn_methods import functions_unpatched, nn_methods_unpatched, own_method
 from fastres.ops.common import functorch_active
@@ -74,6 +76,7 @@ _TRAINING_FREE: Set[type] = {nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPoo
 
 _mm = torch.nn.modules.module  # where the global module hooks live
 _vouched = aten_backend.vouched
+_CPU = torch.device("cpu")
 
 
 def allow(*classes: type) -> None:
@@ -168,15 +171,33 @@ class vouch:
     output into its residual when the residual is the call's own). A call that is not vouched leaves the
     state alone and does not even read it (so that torch.compile, where `ok` is always False, traces no
     thread-local state), and a nested model call in a vouched one stays vouched: the outer call's check
-    covered every module under it (its `given` are kept from writes too, until it returns)."""
+    covered every module under it (its `given` are kept from writes too, until it returns).
 
-    __slots__ = ("ok", "set", "given", "prev")
+    Every call also asks once whether a tracer that records module calls runs (fastres.module_calls.tracing_modules:
+    torch.fx, torch.jit.trace, torch.export, each of which calls the model's forward, so runs when it is
+    entered); when none does, its layers skip that question until it returns (fastres.module_calls: about
+    a percent of an eval forward on a CPU, asked by every pair and block). Not under torch.compile (the
+    question is asked, the state neither read nor set)."""
+
+    __slots__ = ("ok", "set", "given", "prev", "untraced")
 
     def __init__(self, ok: bool, *given: Tensor) -> None:
         self.ok = ok
         self.given = given
 
     def __enter__(self) -> None:
+        if self.ok:   # (its checks found no tracer, and the torch backend chosen on the CPU)
+            self.untraced = not _untraced.on
+            if self.untraced:
+                _untraced.on = _untraced.cpu_torch = True
+        else:
+            self.untraced = not torch.compiler.is_compiling() and not _untraced.on and not tracing_modules()
+            if self.untraced:
+                try:
+                    _untraced.cpu_torch = backend.resolve_cached("conv_bn_act", _CPU) == "torch"
+                except Exception:   # (a backend that cannot run: each layer asks, and raises what says so)
+                    _untraced.cpu_torch = False
+                _untraced.on = True
         self.set = self.ok and not _vouched.on
         self.prev = None
         if self.set:
@@ -187,6 +208,8 @@ class vouch:
             _vouched.kept = self.prev + tuple(t.data_ptr() for t in self.given)
 
     def __exit__(self, *exc) -> None:
+        if self.untraced:
+            _untraced.on = False
         if self.set:
             _vouched.on = False
             _vouched.kept = ()

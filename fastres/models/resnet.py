@@ -25,22 +25,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.models import plan
-from fastres.models.input_layout import allow, features, head, inference_call, vouch, vouched
+from fastres.models.block_forward import basic_block_forward, bottleneck_forward, shortcut_of  # noqa: F401
+from fastres.models.input_layout import allow, features, head, inference_call, vouch
 from fastres.models.plain import (
     basic_block_plain_forward,
     bottleneck_plain_forward,
-    has_shortcut_option,
-    plain_block_forward,
     resnet_plain_forward,
 )
 from fastres.models.pool import max_pool
 from fastres.nn import (
     conv_bn_act_modules,
-    draws_nothing,
-    inner_plain_forward_needed,
     is_plain_relu,
     plain_forward_needed,
-    unfusable_reason,
 )
 
 Tensor = torch.Tensor
@@ -104,24 +100,6 @@ def make_shortcut(shortcut: Optional[str], in_planes: int, out_planes: int, stri
     return nn.Sequential(conv1x1(in_planes, out_planes, stride), norm_layer(out_planes))
 
 
-def _is_conv_bn(m: nn.Module) -> bool:
-    """A downsample that is exactly Sequential(conv, bn), fusable, runs as one fused op."""
-    return type(m) is nn.Sequential and len(m) == 2 and unfusable_reason(m[0], m[1]) is None
-
-
-def shortcut_of(block: nn.Module, x: Tensor) -> Optional[Tensor]:
-    """The residual a block adds: None for a plain block, x for identity, else downsample(x) (fused
-    when the downsample is Sequential(conv, bn))."""
-    if has_shortcut_option(block) and block.shortcut is None:
-        return None
-    ds = block.downsample
-    if ds is None:
-        return x
-    if _is_conv_bn(ds):
-        return conv_bn_act_modules(x, ds[0], ds[1])
-    return ds(x)
-
-
 def _block_shortcut(shortcut, downsample, inplanes: int, out: int, stride: int, norm_layer):
     check_shortcut(shortcut)
     if shortcut is None and downsample is not None:
@@ -169,36 +147,6 @@ class BasicBlock(nn.Module):
     basic_block_plain_forward = basic_block_plain_forward
 
 
-def _plain_needed(block: nn.Module) -> bool:
-    """A block runs its modules one by one, exactly as torchvision's forward does, when torch.fx traces
-    it, any of its modules has hooks (see fastres.nn.plain_forward_needed), or its `relu` is not a plain
-    nn.ReLU (replaced by another activation: the fused ReLU would stand in for a module that is not there).
-    Checked on every call."""
-    # every module inside the block (its own hooks run anyway); a vouched model call checked them all
-    return not is_plain_relu(block.relu) or (not vouched() and inner_plain_forward_needed(block))
-
-
-def basic_block_forward(block: nn.Module, x: Tensor) -> Tensor:
-    if _plain_needed(block):
-        return plain_block_forward(block, x)
-    out = conv_bn_act_modules(x, block.conv1, block.bn1, relu=True)
-    return _last_stage(block, x, out, block.conv2, block.bn2)
-
-
-def _last_stage(block: nn.Module, x: Tensor, out: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
-    """relu(bn(conv(out)) + shortcut(x)), the shortcut computed after everything before this pair, as
-    torchvision computes it after bn2 / bn3: modules that draw random numbers in both branches (dropout
-    wrapped around convs, MC-dropout) draw them in torchvision's order. A plain nn.Conv2d and BatchNorm
-    draw none, so for them the shortcut goes first and its add runs inside the fused op."""
-    if draws_nothing(conv, bn):
-        return conv_bn_act_modules(out, conv, bn, residual=shortcut_of(block, x), relu=True)
-    y = conv_bn_act_modules(out, conv, bn)
-    residual = shortcut_of(block, x)
-    if residual is not None:
-        y += residual   # (torchvision adds in place too)
-    return torch.relu_(y)
-
-
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (stride, groups, dilation on the 3x3 as torchvision: "ResNet v1.5"), 1x1 expand;
     all three fused, the residual added in the third."""
@@ -230,14 +178,6 @@ class Bottleneck(nn.Module):
         return bottleneck_forward(self, x)
 
     bottleneck_plain_forward = bottleneck_plain_forward
-
-
-def bottleneck_forward(block: nn.Module, x: Tensor) -> Tensor:
-    if _plain_needed(block):
-        return plain_block_forward(block, x)
-    out = conv_bn_act_modules(x, block.conv1, block.bn1, relu=True)
-    out = conv_bn_act_modules(out, block.conv2, block.bn2, relu=True)
-    return _last_stage(block, x, out, block.conv3, block.bn3)
 
 
 def init_weights(model: nn.Module, zero_init_residual: bool = False) -> None:
