@@ -23,15 +23,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.backends import cudnn as _cudnn
 
 from fastres import backends as backend
 from fastres.backends import torch as aten_backend
 from fastres.backends.common import pair_tensors
-from fastres.backends.fold_cache import holding as _frozen_holding
 from fastres.errors import InputShapeError
 from fastres.module_calls import (  # noqa: F401  (re-exported: where fastres's layers have always found them)
-    _hooks,
     _pair_hooked,
     global_hooks,
     hooked,
@@ -46,9 +43,6 @@ from fastres.nn_methods import (
     BN_FORWARDS,
     CONV_CONV_FORWARD,
     CONV_FORWARD,
-    F_BATCH_NORM,
-    F_CONV2D,
-    F_RELU,
     RELU_FORWARD,
     bn_unpatched,
     conv_unpatched,
@@ -58,11 +52,10 @@ from fastres.nn_methods import (
 )
 from fastres.ops.bn_act import run_bn_act
 from fastres.ops.common import BNSpec, aten_reason
-from fastres.ops.conv_bn_act import OP, run_conv_bn_act
+from fastres.ops.conv_bn_act import run_conv_bn_act
+from fastres.plain_pair import plain_pair
 
 Tensor = torch.Tensor
-_TENSOR_TYPES = (Tensor, nn.Parameter)
-_calls, _TORCH_FORWARD = backend.calls, (OP, "forward", "torch")
 
 
 _vouched = aten_backend.vouched
@@ -146,7 +139,7 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
             backend.count("conv_bn_act", "forward", "torch")
             return y
     elif untraced.on:
-        y = _plain_eval(x, conv, bn, residual, relu)
+        y = plain_pair(x, conv, bn, residual, relu)
         if y is not None:
             return y
     if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and nn.Conv2d.forward is CONV_FORWARD \
@@ -193,58 +186,6 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
     tracked.add_(1)   # before the op, as nn.BatchNorm2d (see _counted)
     return _counted(tracked, run_conv_bn_act, x, weight, bias, bn_spec, residual, conv.stride, conv.padding,
                     conv.dilation, conv.groups, relu)
-
-
-def _plain_eval(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor],
-                relu: bool) -> Optional[Tensor]:
-    """The usual eval call in a fastres model call that found no module tracer (fastres.module_calls.untraced),
-    or None (the general path decides): an exact nn.Conv2d and nn.BatchNorm2d whose classes run torch's own
-    forwards, no hooks (theirs or global), eval mode with running statistics, no frozen() context holding
-    the BatchNorm, a CPU tensor (exactly torch.Tensor or a Parameter) and the torch backend chosen there:
-    torchvision's aten ops (conv2d -> batch_norm -> add_ -> relu_) on the modules' live tensors, counted
-    as the general path counts them (with F.batch_norm and F.relu torch's own, the ops they call for these
-    tensors, called directly: the same ops with the same arguments; a wrapper there is called). Every check
-    the general path makes for such a call, as reads of the modules' own tables in one frame: on a CPU this
-    code runs from cold caches after each convolution, where each call and each object touched costs
-    (measured: 45 us per layer before, ResNet-18, 224 px, 2 cores). A bad call (aten raises) is left to the
-    general path, which raises the error that explains it."""
-    if type(bn) is not nn.BatchNorm2d or type(conv) is not nn.Conv2d:
-        return None
-    cd, bd, h = conv.__dict__, bn.__dict__, _hooks
-    try:
-        if (bd["training"] or type(x) not in _TENSOR_TYPES or not x.is_cpu or not untraced.cpu_torch
-                or (_frozen_holding and aten_backend.frozen_active(bn)) or nn.Conv2d.forward is not CONV_FORWARD
-                or nn.Conv2d._conv_forward is not CONV_CONV_FORWARD or nn.BatchNorm2d.forward is not BN_FORWARDS[0]
-                or cd["padding_mode"] != "zeros" or type(cd["padding"]) is str
-                or cd["out_channels"] != bd["num_features"] or x.ndim != 4
-                or h._global_forward_hooks or h._global_forward_pre_hooks or h._global_backward_hooks
-                or h._global_backward_pre_hooks or cd["_forward_hooks"] or cd["_forward_pre_hooks"]
-                or cd["_backward_hooks"] or cd["_backward_pre_hooks"] or bd["_forward_hooks"]
-                or bd["_forward_pre_hooks"] or bd["_backward_hooks"] or bd["_backward_pre_hooks"]
-                or "forward" in cd or "_conv_forward" in cd or "forward" in bd or "_conv_forward" in bd):
-            return None
-        cp, bp, bb = cd["_parameters"], bd["_parameters"], bd["_buffers"]
-        rm, rv = bb["running_mean"], bb["running_var"]
-        if rm is None or rv is None:
-            return None
-        if F.conv2d is not F_CONV2D or F.batch_norm is not F_BATCH_NORM or F.relu is not F_RELU \
-                or F_CONV2D is None or F_BATCH_NORM is None or F_RELU is None:   # (wrapped: call them)
-            y = aten_backend.conv_bn_act_aten(x, cp["weight"], cp["bias"], bp["weight"], bp["bias"], rm, rv,
-                                              residual, cd["stride"], cd["padding"], cd["dilation"], cd["groups"],
-                                              False, 0.0, bd["eps"], relu)
-        else:   # torch's own F.batch_norm and F.relu: the ops they call for these tensors, without their frames
-            z = F_CONV2D(x, cp["weight"], cp["bias"], cd["stride"], cd["padding"], cd["dilation"], cd["groups"])
-            if residual is not None and residual.shape != z.shape:
-                return None
-            y = torch.batch_norm(z, bp["weight"], bp["bias"], rm, rv, False, 0.0, bd["eps"], _cudnn.enabled)
-            if residual is not None:
-                y.add_(residual)
-            if relu:
-                y = torch.relu_(y)
-    except Exception:   # (an attribute deleted or set elsewhere, a bad call: the general path)
-        return None
-    _calls[_TORCH_FORWARD] += 1   # (backend.count: no tracer runs)
-    return y
 
 
 def _counted(tracked: Tensor, op, *args) -> Tensor:

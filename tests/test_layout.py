@@ -11,9 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Layers, bottom (0) to top: a module may import modules of its own layer or below, never above.
 LAYERS = [
     ("fastres.kernels", "fastres._ext", "fastres._native", "fastres.layout", "fastres.errors", "fastres.ops.reference",
-     "fastres.models.registry", "fastres.nn_methods"),
+     "fastres.models.registry", "fastres.nn_methods", "fastres.module_calls"),
     ("fastres.backends", "fastres.backend"),
-    ("fastres.ops",),
+    ("fastres.ops", "fastres.plain_pair"),
     ("fastres.nn",),
     ("fastres.models",),
     ("fastres.convert", "fastres.frozen"),

@@ -1,4 +1,4 @@
-"""Drop-in: the default eval path's one-frame checks (fastres.nn._plain_eval, fastres.models.block_forward)
+"""Drop-in: the default eval path's one-frame checks (fastres.plain_pair, fastres.models.block_forward)
 answer as the general checks, and the model call's "no module tracer" state (fastres.module_calls.untraced)
 lives exactly as long as the call.
 
@@ -247,3 +247,36 @@ def test_an_unvouched_call_inside_frozen_takes_the_folds(monkeypatch):
     with torch.no_grad(), fastres.frozen(model, plan=False):
         model(batch(7, torch.channels_last))
     assert folded[0] == pairs
+
+
+@pytest.mark.parametrize("momentum", [0.3, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", list(FMTS))
+def test_training_steps_are_torchvisions(fmt, kind, momentum):
+    """Training pairs (fastres.plain_pair._train; momentum=None: the general path): three SGD steps give
+    torchvision's losses, parameters and BatchNorm state (running statistics, num_batches_tracked)."""
+    model = make("basic", kind)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    tv = twin_of(model, "basic")
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    if fmt == "channels_last":
+        model, tv = model.to(memory_format=torch.channels_last), tv.to(memory_format=torch.channels_last)
+    model.train(), tv.train()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, tv)]
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(3))
+    for step in range(3):
+        x = batch(10 + step, FMTS[fmt])
+        losses = []
+        for m, opt in zip((model, tv), opts):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1]), step
+    for (k, a), b in zip(model.state_dict().items(), tv.state_dict().values()):
+        assert torch.equal(a, b), k
