@@ -3,7 +3,7 @@ record module calls.
 
 A fused conv + BN (+ add) (+ ReLU) stands in for module calls. A hook on one of those modules (or a global
 module hook, or a forward set on the instance) is code the fused op would skip, and torch.fx, torch.jit.trace
-and torch.export record each module call (fastres.nn.tracing_modules' docstring); either way the modules run
+and torch.export record each module call (:func:`tracing_modules`); either way the modules run
 as themselves. Asked on every layer call, so each check here is attribute reads, no generators.
 
 :data:`untraced`: a fastres model call asks once, when its forward is entered, whether a module tracer runs
