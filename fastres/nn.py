@@ -142,8 +142,7 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual
         y = plain_pair(x, conv, bn, residual, relu)
         if y is not None:
             return y
-    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and nn.Conv2d.forward is CONV_FORWARD \
-            and nn.Conv2d._conv_forward is CONV_CONV_FORWARD and nn.BatchNorm2d.forward is BN_FORWARDS[0]:
+    if exact_pair(conv, bn):
         # The usual pair, checked by attribute reads: unfusable_reason's structural checks (its class
         # checks hold by the exact types), plain_forward_needed (no SyncBatchNorm, no frozen BN here).
         why = (None if conv.padding_mode == "zeros" and type(conv.padding) is not str

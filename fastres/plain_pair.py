@@ -23,13 +23,13 @@ from fastres.backends import torch as aten_backend
 from fastres.backends.fold_cache import holding as _frozen_holding
 from fastres.module_calls import _hooks, untraced
 from fastres.nn_methods import BN_FORWARDS, CONV_CONV_FORWARD, CONV_FORWARD, F_BATCH_NORM, F_CONV2D, F_RELU
+from fastres.ops.conv_bn_act import _TENSOR_TYPES, OP
 
 Tensor = torch.Tensor
 
 __all__ = ["plain_pair"]
 
-_TENSOR_TYPES = (Tensor, nn.Parameter)
-_calls, _TORCH_FORWARD = backend.calls, ("conv_bn_act", "forward", "torch")
+_calls, _TORCH_FORWARD = backend.calls, (OP, "forward", "torch")
 
 
 def plain_pair(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor],
