@@ -35,9 +35,22 @@
 // weight_key(t) -> bytes: what the fold cache keys a conv weight by (fastres/backends/fold_cache.py
 //   state(): object, storage address, version counter (none for an inference tensor), dtype, device,
 //   shape, strides) as int64s.
+//
+// guard_lines(records, pairs) -> bytes: the cache lines (one uintptr_t each, sorted, no repeats) that the
+//   two proofs read, at the addresses they have when armed: the records and modules, their instance
+//   dicts and tables, the tensors' objects, TensorImpls, storages and first data lines.
+// prefetch(lines) -> None: asks the CPU to fetch those lines, all at once, before a proof runs. In a
+//   serving loop the convolutions of the call before have evicted every one of them, and the proofs
+//   follow one pointer after another, each waiting for its miss in turn: 0.24 ms each cold against
+//   0.03-0.04 ms hot on ResNet-50 (2 CPU cores). A prefetch is a hint to the CPU: a line whose object has
+//   moved or been freed since is a wasted fetch, never a fault or a read the proofs rely on (they read
+//   everything live, as without it).
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "finite.h"
+
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -100,8 +113,8 @@ bool record_holds(PyObject* r) {
   PyObject *ka, *va, *kb, *vb;
   while (ok && PyDict_Next(d, &pa, &ka, &va)) {
     if (!PyDict_Next(snap, &pb, &kb, &vb)) { ok = false; break; }
-    // (no Python code runs in same_value; the references are held all the same)
-    Py_INCREF(ka); Py_INCREF(va); Py_INCREF(kb); Py_INCREF(vb);
+    // (borrowed: no Python code runs while they are read, and a refcount written per value would be a
+    // cache miss per value in a serving loop, where nothing else of a value that is the same object is read)
     ok = ka == kb || same_value(ka, kb);
     if (ok) {
       switch (kind[i]) {
@@ -112,7 +125,6 @@ bool record_holds(PyObject* r) {
         default: ok = false;
       }
     }
-    Py_DECREF(ka); Py_DECREF(va); Py_DECREF(kb); Py_DECREF(vb);
     i++;
   }
   if (ok && PyDict_Next(snap, &pb, &kb, &vb)) ok = false;   // (the copy has entries the live dict lost)
@@ -250,10 +262,119 @@ PyObject* tensors_hold_(PyObject* args) {
   Py_RETURN_TRUE;
 }
 
+// The lines that guard_lines collects, rounded down to 64 bytes.
+struct Lines {
+  std::vector<uintptr_t> at;
+  void add(const void* p, size_t bytes) {
+    if (p == nullptr) return;
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+    for (uintptr_t q = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); q < end; q += 64) at.push_back(q);
+  }
+  void object(PyObject* o) {   // (and the words before it, where CPython keeps a managed dict's pointer)
+    if (o != nullptr) add(reinterpret_cast<const char*>(o) - 32, 96);
+  }
+  void dict(PyObject* d) {   // the dict object and its table (keys, indices, entries; a split table's values)
+    if (d == nullptr || !PyDict_Check(d)) return;
+    const PyDictObject* p = reinterpret_cast<const PyDictObject*>(d);
+    add(p, sizeof(PyDictObject));
+    if (p->ma_used == 0) return;
+    add(p->ma_keys, 192 + 48 * static_cast<size_t>(p->ma_used));
+    if (p->ma_values != nullptr) add(reinterpret_cast<const char*>(p->ma_values) - 128, 192 + 8 * p->ma_used);
+  }
+  void tensor(PyObject* v) {
+    object(v);
+    if (v == nullptr || !THPVariable_Check(v)) return;
+    const at::Tensor& t = THPVariable_Unpack(v);
+    add(t.unsafeGetTensorImpl(), 256);
+    if (t.is_nested() || t.layout() != at::kStrided || !t.has_storage()) return;
+    add(t.storage().unsafeGetStorageImpl(), 128);
+    add(t.const_data_ptr(), std::min<size_t>(t.storage().nbytes(), 256));
+  }
+};
+
+void record_lines(PyObject* r, Lines& out) {
+  if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 5) return;
+  out.add(r, 64);
+  PyObject* m = PyTuple_GET_ITEM(r, 0);
+  PyObject* snap = PyTuple_GET_ITEM(r, 2);
+  PyObject* kinds = PyTuple_GET_ITEM(r, 3);
+  out.object(m);
+  out.add(Py_TYPE(m), 384);
+  out.dict(snap);
+  out.object(kinds);
+  out.add(PyTuple_GET_ITEM(r, 4), 24 + 8 * static_cast<size_t>(PyTuple_GET_SIZE(PyTuple_GET_ITEM(r, 4))));
+  PyObject* d = dict_of(m);
+  out.dict(d);
+  Py_XDECREF(d);
+  if (!PyDict_Check(snap) || !PyBytes_Check(kinds) || PyBytes_GET_SIZE(kinds) != PyDict_GET_SIZE(snap)) return;
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *k, *v;
+  while (PyDict_Next(snap, &pos, &k, &v)) {   // (the tables a proof reads into: hooks, submodules)
+    const char kind = PyBytes_AS_STRING(kinds)[i++];
+    if (kind == 1 || kind == 3) out.dict(v);
+  }
+}
+
+void pair_lines(PyObject* pair, Lines& out) {
+  if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) return;
+  out.add(pair, 48);
+  for (int side = 0; side < 2; side++) {
+    PyObject* d = dict_of(PyTuple_GET_ITEM(pair, side));
+    if (d == nullptr) continue;
+    if (PyDict_Check(d)) {
+      for (PyObject* name : {s_params, s_buffers}) {
+        PyObject* table = PyDict_GetItemWithError(d, name);
+        if (table == nullptr || !PyDict_Check(table)) continue;
+        out.dict(table);
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(table, &pos, &k, &v)) out.tensor(v);
+      }
+    }
+    if (PyErr_Occurred()) PyErr_Clear();
+    Py_DECREF(d);
+  }
+}
+
+PyObject* guard_lines(PyObject*, PyObject* args) {
+  PyObject *records, *pairs;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &records, &PyList_Type, &pairs)) return nullptr;
+  Lines out;
+  try {
+    out.add(records, 64);
+    out.add(reinterpret_cast<PyListObject*>(records)->ob_item, 8 * static_cast<size_t>(PyList_GET_SIZE(records)));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records); i++) record_lines(PyList_GET_ITEM(records, i), out);
+    out.add(pairs, 56 + 8 * static_cast<size_t>(PyList_GET_SIZE(pairs)));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pairs); i++) pair_lines(PyList_GET_ITEM(pairs, i), out);
+  } catch (const std::exception&) {   // (torch refused a tensor's metadata: the lines so far)
+  }
+  std::sort(out.at.begin(), out.at.end());
+  out.at.erase(std::unique(out.at.begin(), out.at.end()), out.at.end());
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.at.data()), out.at.size() * sizeof(uintptr_t));
+}
+
+PyObject* prefetch(PyObject*, PyObject* lines) {
+  if (!PyBytes_Check(lines)) {
+    PyErr_SetString(PyExc_TypeError, "prefetch: expected bytes from guard_lines");
+    return nullptr;
+  }
+  const char* p = PyBytes_AS_STRING(lines);
+  const Py_ssize_t n = PyBytes_GET_SIZE(lines) / static_cast<Py_ssize_t>(sizeof(uintptr_t));
+  for (Py_ssize_t i = 0; i < n; i++) {
+    uintptr_t a;
+    std::memcpy(&a, p + i * sizeof(uintptr_t), sizeof(a));
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);   // (a hint: never faults; to L2, measured best)
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"records_hold", records_hold, METH_O, "Whether every module record still holds (csrc/cpu/plan_guard.cpp)."},
     {"tensors_hold", tensors_hold, METH_VARARGS, "Whether every pair's tensors still hold (csrc/cpu/plan_guard.cpp)."},
     {"weight_key", weight_key, METH_O, "A conv weight's key, as fastres.backends.fold_cache.state reads it."},
+    {"guard_lines", guard_lines, METH_VARARGS, "The cache lines the two proofs read (csrc/cpu/plan_guard.cpp)."},
+    {"prefetch", prefetch, METH_O, "Ask the CPU to fetch guard_lines' lines (csrc/cpu/plan_guard.cpp)."},
+    {"all_finite", all_finite, METH_O, "Whether a dense CPU float32 tensor holds no NaN or infinity (csrc/cpu/finite.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "fastres's CPU helpers (csrc/cpu/plan_guard.cpp)", -1, methods,

@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres import backends as backend
+from fastres._native import cpu as _native  # (None without the built extension)
 from fastres.backends import torch as aten_backend
 from fastres.module_calls import tracing_modules
 from fastres.module_calls import untraced as _untraced
@@ -153,9 +154,15 @@ def call_ok(model: nn.Module, x) -> bool:
 
 
 def _finite(x: Tensor) -> bool:
-    """Whether `x` holds no NaN and no infinity: its sum is finite (a NaN or an infinity makes it NaN or
-    infinite; finite values whose fp32 sum overflows say no too, and that call runs unvouched: correct,
-    slower). ~15 us at ResNet input sizes up to batch 16 on 2 cores, 0.8 ms at batch 64, 224 px."""
+    """Whether `x` holds no NaN and no infinity. With fastres._cpu built, by its values' exponent bits
+    (csrc/cpu/finite.cpp: one read of the input; 0.11-0.16 ms less than the sum below in a serving loop,
+    where the sum's op starts from cold caches after the convolutions); otherwise, or for an input it does
+    not take, its sum is finite (a NaN or an infinity makes it NaN or infinite; finite values whose fp32
+    sum overflows say no too, and that call runs unvouched: correct, slower)."""
+    if _native is not None:
+        ok = _native.all_finite(x)
+        if ok is not None:
+            return ok
     return math.isfinite(x.sum().item())
 
 

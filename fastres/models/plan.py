@@ -314,10 +314,13 @@ def armed(model: nn.Module, x) -> Optional[Tuple[Tensor, Tensor]]:
     if torch.compiler.is_compiling():   # (nothing here for torch.compile to trace)
         return None
     mp = _PLANS.get(model)
-    if mp is None or not mp.guards or not call_ok(model, x):
+    if mp is None or not mp.guards or type(x) is not Tensor:
         return None
     g = mp.guards.get(tuple(x.shape))
-    if g is None or not _plan_ok(model, x) or not g.holds():
+    if g is None:
+        return None
+    g.prefetch()   # (the memory its proof reads, fetched while the call's conditions are checked)
+    if not call_ok(model, x) or not _plan_ok(model, x) or not g.holds():
         return None
     xc = x.contiguous(memory_format=torch.channels_last)
     y = _guarded(mp, g.key, g.plan.run, xc.detach())
