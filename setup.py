@@ -164,7 +164,10 @@ def cpu_extension():
     if why is not None:
         return skipped("FASTRES_BUILD_CPU", CPU_MODE, "the CPU extension", why, " (its checks run in Python)")
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    ext = CppExtension("fastres._cpu", sources, extra_compile_args=["-O3", "-std=c++20"])
+    # (-fopenmp: at::parallel_for's OpenMP pragma is compiled here; libgomp.so.1 resolves at load time to the
+    # one torch has loaded, so the extension's threads are torch's intra-op pool)
+    ext = CppExtension("fastres._cpu", sources, extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],
+                       extra_link_args=["-fopenmp"])
     return [ext], build_ext_command(BuildExtension)
 
 

@@ -12,7 +12,7 @@
 // numel values are the storage's, from its data pointer on, in some order). Inputs of more than
 // kSerial values are split over torch's intra-op threads (at::parallel_for), smaller ones run on the
 // caller's thread (waking the pool costs more than they do).
-#include "finite.h"
+#include "functions.h"
 
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>

@@ -48,7 +48,7 @@
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include "finite.h"
+#include "functions.h"
 
 #include <algorithm>
 #include <cstring>
@@ -375,6 +375,7 @@ PyMethodDef methods[] = {
     {"guard_lines", guard_lines, METH_VARARGS, "The cache lines the two proofs read (csrc/cpu/plan_guard.cpp)."},
     {"prefetch", prefetch, METH_O, "Ask the CPU to fetch guard_lines' lines (csrc/cpu/plan_guard.cpp)."},
     {"all_finite", all_finite, METH_O, "Whether a dense CPU float32 tensor holds no NaN or infinity (csrc/cpu/finite.cpp)."},
+    {"pooled_linear", pooled_linear, METH_VARARGS, "A global-average-pooled nn.Linear head (csrc/cpu/pooled_linear.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "fastres's CPU helpers (csrc/cpu/plan_guard.cpp)", -1, methods,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fastres.models import plan
-from fastres.models.input_layout import allow, features, head, inference_call, vouch
+from fastres.models.input_layout import allow, classify, inference_call, vouch
 from fastres.models.resnet import BasicBlock, check_shortcut, init_weights, make_shortcut, stem_forward
 
 Tensor = torch.Tensor
@@ -79,11 +79,11 @@ class CifarResNet(nn.Module):
         hit = plan.armed(self, x)   # a frozen plan whose guard holds: its body output (fastres.models.plan)
         if hit is not None:
             with vouch(True, given, hit[1]):
-                return head(self.fc, features(self.avgpool, hit[0], True), True)
+                return classify(self.avgpool, self.fc, hit[0], True)
         x, ok = inference_call(self, x)   # channels_last for CPU inference (input_layout)
         with vouch(ok, given, x):   # (a vouched call's body may run as one plan: fastres.models.plan)
             x = plan.body(self, x, _STAGES, False, cifar_body) if ok else cifar_body(self, x)
-            return head(self.fc, features(self.avgpool, x, ok), ok)
+            return classify(self.avgpool, self.fc, x, ok)
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, shortcut={self.shortcut!r}"

@@ -64,7 +64,7 @@ from fastres.ops.common import functorch_active
 
 Tensor = torch.Tensor
 
-__all__ = ["allow", "call_ok", "features", "head", "inference_call", "inference_input", "vouch", "vouched"]
+__all__ = ["allow", "call_ok", "classify", "features", "head", "inference_call", "inference_input", "vouch", "vouched"]
 
 _ALLOWED: Set[type] = {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear,
                        nn.Sequential, nn.Identity, nn.Dropout, nn.Flatten, FusedConvBN2d, FusedConvBNReLU2d}
@@ -241,10 +241,28 @@ def features(pool: nn.Module, x: Tensor, ok: bool) -> Tensor:
     adaptive_avg_pool2d took 141-155 us per call against 43-50 us for avg_pool2d (its channels_last
     kernel is one op; adaptive pooling to 1 is a mean: sum, then divide, each a cold op after the last
     convolution), ResNet-50 at batch 8, 64 px and batch 1, 224 px, 2 CPU cores."""
-    if ok and type(pool) is nn.AdaptiveAvgPool2d and nn.AdaptiveAvgPool2d.forward is _AAP_FORWARD is not None \
-            and pool.output_size in (1, (1, 1)) and x.dim() == 4 and x.shape[-2] > 0 and x.shape[-1] > 0:
+    if ok and _global_pool(pool, x):
         return torch.flatten(F.avg_pool2d(x, x.shape[-2:]), 1)
     return torch.flatten(pool(x), 1)
+
+
+def _global_pool(pool: nn.Module, x: Tensor) -> bool:
+    """Whether `pool` on `x` is the mean over x's whole plane: an exact nn.AdaptiveAvgPool2d to (1, 1), its
+    class forward nn.AdaptiveAvgPool2d's, on a 4-D `x` with a plane that is not empty."""
+    return type(pool) is nn.AdaptiveAvgPool2d and nn.AdaptiveAvgPool2d.forward is _AAP_FORWARD is not None \
+        and pool.output_size in (1, (1, 1)) and x.dim() == 4 and x.shape[-2] > 0 and x.shape[-1] > 0
+
+
+def classify(pool: nn.Module, fc: nn.Module, x: Tensor, ok: bool) -> Tensor:
+    """``head(fc, features(pool, x, ok), ok)``, the logits from the body's output `x`. In a vouched call
+    (`ok`) whose pooling is global (:func:`_global_pool`), pooling and an exact nn.Linear head run as one
+    C++ call where it takes them (fastres.backends.torch.pooled_linear_vouched: up to 16 rows, with
+    fastres._cpu built)."""
+    if ok and _global_pool(pool, x):
+        y = aten_backend.pooled_linear_vouched(x, fc)
+        if y is not None:
+            return y
+    return head(fc, features(pool, x, ok), ok)
 
 
 def head(fc: nn.Module, x: Tensor, ok: bool) -> Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastres.models import plan
 from fastres.models.block_forward import basic_block_forward, bottleneck_forward, shortcut_of  # noqa: F401
-from fastres.models.input_layout import allow, features, head, inference_call, vouch
+from fastres.models.input_layout import allow, classify, inference_call, vouch
 from fastres.models.plain import (
     basic_block_plain_forward,
     bottleneck_plain_forward,
@@ -265,13 +265,13 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     hit = plan.armed(model, x)   # a frozen plan whose guard holds: its body output (fastres.models.plan)
     if hit is not None:
         with vouch(True, given, hit[1]):
-            return head(model.fc, features(model.avgpool, hit[0], True), True)
+            return classify(model.avgpool, model.fc, hit[0], True)
     x, ok = inference_call(model, x)
     with vouch(ok, given, x):
         # a vouched call's body may run as one compiled plan (fastres.models.plan)
         x = plan.body(model, x, ("layer1", "layer2", "layer3", "layer4"), True, resnet_body) if ok \
             else resnet_body(model, x)
-        return head(model.fc, features(model.avgpool, x, ok), ok)
+        return classify(model.avgpool, model.fc, x, ok)
 
 
 def resnet_body(model: nn.Module, x: Tensor) -> Tensor:

@@ -51,6 +51,7 @@ def test_vouched_call_is_taken_and_equals_the_per_layer_path_bit_for_bit(arch, f
     model = make(arch).eval()
     x = batch(3, fmt)
     monkeypatch.setattr(aten_backend, "linear_vouched", lambda t, fc: torch.nn.functional.linear(t, fc.weight, fc.bias))
+    monkeypatch.setattr(aten_backend, "pooled_linear_vouched", lambda t, fc: None)   # (test_pooled_linear.py)
     with torch.no_grad(), fastres.frozen(model):
         model(x)                      # the first call packs every weight on the full path
         spy["hit"] = spy["miss"] = 0
@@ -153,6 +154,7 @@ def test_vouched_head_is_nn_linear_within_the_house_rule(batch_size, bias, monke
         return real(t, m)
 
     monkeypatch.setattr(aten_backend, "linear_vouched", spy)
+    monkeypatch.setattr(aten_backend, "pooled_linear_vouched", lambda t, m: None)   # (test_pooled_linear.py)
     with torch.no_grad(), fastres.frozen(model):
         model(batch(2))
         assert len(feats) == 1          # the head ran through it
@@ -320,7 +322,9 @@ def test_global_pool_shortcut_only_where_it_is_that_pool(case, pool_spy, monkeyp
     assert len(seen) == 2 * (case == "class forward patched")
 
 
-def test_frozen_model_pools_through_the_shortcut_and_matches_torchvision(pool_spy):
+def test_frozen_model_pools_through_the_shortcut_and_matches_torchvision(pool_spy, monkeypatch):
+    """(Where the pooled head's one C++ call does not take the head: tests/csrc/test_pooled_linear.py.)"""
+    monkeypatch.setattr(aten_backend, "pooled_linear_vouched", lambda t, fc: None)
     model = make("bottleneck").eval()
     with torch.no_grad(), fastres.frozen(model):
         model(batch())
