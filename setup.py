@@ -151,7 +151,7 @@ def cpu_extension():
         return [], {}
     why = None
     try:
-        import torch  # noqa: F401
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         why = "torch is not installed in the build environment (use --no-build-isolation)"
@@ -164,10 +164,11 @@ def cpu_extension():
     if why is not None:
         return skipped("FASTRES_BUILD_CPU", CPU_MODE, "the CPU extension", why, " (its checks run in Python)")
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # (-fopenmp: at::parallel_for's OpenMP pragma is compiled here; libgomp.so.1 resolves at load time to the
-    # one torch has loaded, so the extension's threads are torch's intra-op pool)
-    ext = CppExtension("fastres._cpu", sources, extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],
-                       extra_link_args=["-fopenmp"])
+    # (-fopenmp on Linux with an OpenMP torch: at::parallel_for's OpenMP pragma is compiled here, and
+    # libgomp.so.1 resolves at load time to the one torch has loaded, so the extension's threads are torch's
+    # intra-op pool; elsewhere at::parallel_for runs on the caller's thread)
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+    ext = CppExtension("fastres._cpu", sources, extra_compile_args=["-O3", "-std=c++20", *omp], extra_link_args=omp)
     return [ext], build_ext_command(BuildExtension)
 
 

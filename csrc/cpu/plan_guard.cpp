@@ -321,6 +321,8 @@ void pair_lines(PyObject* pair, Lines& out) {
   for (int side = 0; side < 2; side++) {
     PyObject* d = dict_of(PyTuple_GET_ITEM(pair, side));
     if (d == nullptr) continue;
+    Refs held;   // (dropped also when torch throws on a tensor below)
+    held.p[0] = d;
     if (PyDict_Check(d)) {
       for (PyObject* name : {s_params, s_buffers}) {
         PyObject* table = PyDict_GetItemWithError(d, name);
@@ -332,7 +334,6 @@ void pair_lines(PyObject* pair, Lines& out) {
       }
     }
     if (PyErr_Occurred()) PyErr_Clear();
-    Py_DECREF(d);
   }
 }
 

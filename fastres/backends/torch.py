@@ -322,6 +322,7 @@ def linear_vouched(x: Tensor, fc: torch.nn.Module) -> Optional[Tensor]:
 # ATEN_CPU_CAPABILITY=avx2 runs its AVX2 kernel); 0: none (the pooling and the head run as torch's ops)
 _HEAD_ISA = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 0)
 _HEAD_ROWS = 16
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def pooled_linear_vouched(x: Tensor, fc: torch.nn.Module) -> Optional[Tensor]:
@@ -334,9 +335,8 @@ def pooled_linear_vouched(x: Tensor, fc: torch.nn.Module) -> Optional[Tensor]:
             or not 0 < x.shape[0] <= _HEAD_ROWS or torch._C._is_torch_function_mode_enabled() \
             or torch._C._len_torch_dispatch_stack():
         return None
-    params = fc._parameters
-    w = params.get("weight")
-    if type(w) not in (Tensor, torch.nn.Parameter) or w.dim() != 2:
-        return None
-    out = torch.empty((x.shape[0], w.shape[0]))
-    return out if _native.pooled_linear(x, w, params.get("bias"), out, _HEAD_ISA) else None
+    w, b = fc.weight, fc.bias   # (as nn.Linear.forward reads them: a parameter, buffer or attribute)
+    if type(w) not in _PLAIN_TENSORS or (b is not None and type(b) not in _PLAIN_TENSORS) or w.dim() != 2:
+        return None   # (a tensor subclass sees its own ops: torch's)
+    out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32, device="cpu")
+    return out if _native.pooled_linear(x, w, b, out, _HEAD_ISA) else None

@@ -39,12 +39,22 @@ def _operands(n, c, h, w, k, layout, bias, seed):
     return x, weight, b
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+_HAS = {2: {"avx512f"} <= _cpu_flags(), 1: {"avx2", "fma"} <= _cpu_flags()}
+
+
 def _run(isa, x, weight, b):
+    if not _HAS[isa]:
+        pytest.skip(f"this CPU has no {[k for k, v in ISAS.items() if v == isa][0]} (its /proc/cpuinfo flags)")
     out = torch.full((x.shape[0], weight.shape[0]), float("nan"))
-    took = _native.cpu.pooled_linear(x, weight, b, out, isa)
-    if not took and isa != aten_backend._HEAD_ISA:
-        pytest.skip(f"this CPU has no {isa} kernel's instructions")
-    assert took, "the kernel declined what it takes"
+    assert _native.cpu.pooled_linear(x, weight, b, out, isa), "the kernel declined what it takes"
     return out
 
 
@@ -104,6 +114,44 @@ class _Passing(torch.overrides.TorchFunctionMode):
 
 class _MyLinear(nn.Linear):
     pass
+
+
+class _Seen(torch.Tensor):
+    """A tensor subclass that records the torch functions called on it."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("where", ["buffer", "attribute", "subclass"])
+def test_wrapper_reads_the_bias_nn_linear_reads(where):
+    """nn.Linear.forward reads self.bias (a parameter, a buffer or an attribute): so does the wrapper, and a
+    tensor subclass there keeps seeing its own ops (torch's path)."""
+    fc = nn.Linear(8, 5)
+    bias = torch.randn(5)
+    del fc.bias
+    if where == "buffer":
+        fc.register_buffer("bias", bias)
+    elif where == "attribute":
+        fc.bias = bias
+    else:
+        fc.bias = nn.Parameter(bias.as_subclass(_Seen))
+    x = torch.rand(3, 8, 2, 2)
+    with torch.no_grad():
+        got = aten_backend.pooled_linear_vouched(x, fc)
+        _Seen.seen.clear()
+        want = fc(x.mean((2, 3)))
+    if where == "subclass":
+        assert got is None and _Seen.seen, "a subclass bias did not see its ops"
+        return
+    if not aten_backend._HEAD_ISA:
+        pytest.skip("torch reports no AVX2 or AVX-512 on this CPU: the kernel is not used")
+    assert got is not None
+    oracle = F.linear(x.double().mean((2, 3)), fc.weight.double(), bias.double())
+    assert_as_good(got, want, oracle, f"bias as {where}")
 
 
 @pytest.mark.parametrize("case", ["plain", "flop counter", "dispatch mode", "function mode", "subclass", "17 rows"])

@@ -323,7 +323,7 @@ def test_global_pool_shortcut_only_where_it_is_that_pool(case, pool_spy, monkeyp
 
 
 def test_frozen_model_pools_through_the_shortcut_and_matches_torchvision(pool_spy, monkeypatch):
-    """(Where the pooled head's one C++ call does not take the head: tests/csrc/test_pooled_linear.py.)"""
+    """(Where the pooled head's one C++ call does not take the head: test_pooled_linear.py.)"""
     monkeypatch.setattr(aten_backend, "pooled_linear_vouched", lambda t, fc: None)
     model = make("bottleneck").eval()
     with torch.no_grad(), fastres.frozen(model):
