@@ -206,3 +206,44 @@ def test_frozen_logits_through_the_kernel_match_torchvision(arch, use_plan, kern
         check_eval(model, arch, what=f"frozen logits through pooled_linear ({arch})")
         check_eval(model, arch, x=batch(2, CL), what="channels_last input")
     assert kernel_calls == [True, True]
+
+
+def _fused_adam_step(model):
+    opt = torch.optim.Adam(model.fc.parameters(), lr=0.05, fused=True)
+    model.fc.weight.grad = torch.randn_like(model.fc.weight)
+    model.fc.bias.grad = torch.randn_like(model.fc.bias)
+    opt.step()   # (leaves the version counters alone)
+
+
+def _swap_head(model):
+    torch.manual_seed(7)
+    model.fc = nn.Linear(model.fc.in_features, model.fc.out_features).eval()
+
+
+_EDITS = {
+    ".data edit": lambda m: m.fc.weight.data.mul_(-1.5),
+    "bias .data edit": lambda m: m.fc.bias.data.add_(3.0),
+    "fused Adam step": _fused_adam_step,
+    "swapped head": _swap_head,
+    "weight rebound": lambda m: setattr(m.fc, "weight", nn.Parameter(torch.randn_like(m.fc.weight))),
+}
+
+
+@pytest.mark.parametrize("edit", list(_EDITS))
+@pytest.mark.parametrize("use_plan", [False, True], ids=["per-layer", "plan"])
+def test_the_head_follows_every_edit_between_calls(edit, use_plan, kernel_calls):
+    """The kernel reads the live head on every call (nothing of it is kept): after each change between two
+    frozen calls the logits are torchvision's on the same weights."""
+    if not aten_backend._HEAD_ISA:
+        pytest.skip("torch reports no AVX2 or AVX-512 on this CPU: the kernel is not used")
+    model = make("basic").eval()
+    with torch.no_grad(), fastres.frozen(model, plan=use_plan):
+        for _ in range(5):
+            model(batch())
+        with torch.enable_grad():
+            _EDITS[edit](model)
+        kernel_calls.clear()
+        check_eval(model, "basic", what=f"frozen logits after a {edit}")
+        model(batch())   # (and the call after: a plan's guard armed again)
+        check_eval(model, "basic", what=f"frozen logits, the second call after a {edit}")
+    assert kernel_calls and all(kernel_calls)
